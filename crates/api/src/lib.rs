@@ -1,0 +1,16 @@
+//! Skiff's resource kinds, read from YAML/JSON with every error located.
+
+pub mod cluster;
+pub mod decode;
+pub mod meta;
+pub mod net;
+pub mod policy;
+pub mod policytest;
+pub mod quantity;
+pub mod resource;
+pub mod selector;
+pub mod service;
+pub mod yaml;
+
+pub use decode::Diagnostic;
+pub use resource::{Loaded, LoadReport, Object, Resource, load_paths, load_str};

@@ -1,0 +1,12 @@
+//! Skiff network policy: one engine that decides flows for both policy
+//! kinds and explains why; later compiled into the eBPF datapath's maps.
+
+pub mod bench;
+pub mod engine;
+pub mod model;
+pub mod suite;
+pub mod world;
+
+pub use engine::{Decision, Engine, Outcome, Resolved, Verdict};
+pub use model::{Direction, Flow, PolicyRef, PolicyRule};
+pub use world::World;
