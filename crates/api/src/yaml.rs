@@ -244,7 +244,11 @@ impl Reader {
                     line: e.marker().line(),
                     col: e.marker().col() + 1,
                 },
-                message: format!("invalid YAML: {}", e.info()),
+                message: if e.info().contains("recursion limit") {
+                    format!("invalid YAML: nested too deeply ({})", e.info())
+                } else {
+                    format!("invalid YAML: {}", e.info())
+                },
             })?;
             let mark = mark_of(&span);
             let done: Option<Node> = match event {
