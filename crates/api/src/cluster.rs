@@ -61,13 +61,20 @@ impl Decode for Taint {
         let m = cx.fields(node, &["key", "value", "effect"])?;
         let key = m.req(cx, "key");
         let effect = m.req(cx, "effect");
-        Some(Taint { key: key?, value: m.or_default(cx, "value"), effect: effect? })
+        Some(Taint {
+            key: key?,
+            value: m.or_default(cx, "value"),
+            effect: effect?,
+        })
     }
 }
 
 impl Decode for NodeStatus {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        let m = cx.fields(node, &["capacity", "allocatable", "address", "ready", "generation"])?;
+        let m = cx.fields(
+            node,
+            &["capacity", "allocatable", "address", "ready", "generation"],
+        )?;
         Some(NodeStatus {
             capacity: m.or_default(cx, "capacity"),
             allocatable: m.or_default(cx, "allocatable"),
@@ -205,9 +212,14 @@ impl Decode for RouteSpec {
         let service = m.req(cx, "service");
         let rules: Option<Vec<RouteRule>> = m.req(cx, "rules");
         if let Some(r) = &rules {
-            m.check(cx, "rules", !r.is_empty(), || "a route needs at least one rule".to_string());
+            m.check(cx, "rules", !r.is_empty(), || {
+                "a route needs at least one rule".to_string()
+            });
         }
-        Some(RouteSpec { service: service?, rules: rules? })
+        Some(RouteSpec {
+            service: service?,
+            rules: rules?,
+        })
     }
 }
 
@@ -217,16 +229,27 @@ impl Decode for RouteRule {
         let matches = m.or_default(cx, "matches");
         let backends: Option<Vec<Backend>> = m.req(cx, "backends");
         if let Some(b) = &backends {
-            m.check(cx, "backends", !b.is_empty(), || "a rule needs at least one backend".to_string());
+            m.check(cx, "backends", !b.is_empty(), || {
+                "a rule needs at least one backend".to_string()
+            });
         }
-        Some(RouteRule { matches, backends: backends?, timeout: m.opt(cx, "timeout"), retry: m.or_default(cx, "retry") })
+        Some(RouteRule {
+            matches,
+            backends: backends?,
+            timeout: m.opt(cx, "timeout"),
+            retry: m.or_default(cx, "retry"),
+        })
     }
 }
 
 impl Decode for RouteMatch {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(node, &["path", "headers", "method"])?;
-        Some(RouteMatch { path: m.opt(cx, "path"), headers: m.or_default(cx, "headers"), method: m.opt(cx, "method") })
+        Some(RouteMatch {
+            path: m.opt(cx, "path"),
+            headers: m.or_default(cx, "headers"),
+            method: m.opt(cx, "method"),
+        })
     }
 }
 
@@ -235,9 +258,14 @@ impl Decode for PathMatch {
         let m = cx.fields(node, &["type", "value"])?;
         let value: Option<String> = m.req(cx, "value");
         if let Some(v) = &value {
-            m.check(cx, "value", v.starts_with('/'), || format!("path `{v}` must start with '/'"));
+            m.check(cx, "value", v.starts_with('/'), || {
+                format!("path `{v}` must start with '/'")
+            });
         }
-        Some(PathMatch { kind: m.or_default(cx, "type"), value: value? })
+        Some(PathMatch {
+            kind: m.or_default(cx, "type"),
+            value: value?,
+        })
     }
 }
 
@@ -246,7 +274,10 @@ impl Decode for HeaderMatch {
         let m = cx.fields(node, &["name", "value"])?;
         let name = m.req(cx, "name");
         let value = m.req(cx, "value");
-        Some(HeaderMatch { name: name?, value: value? })
+        Some(HeaderMatch {
+            name: name?,
+            value: value?,
+        })
     }
 }
 
@@ -254,7 +285,13 @@ impl Decode for Backend {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(node, &["service", "weight"])?;
         let service = m.req(cx, "service");
-        let weight = m.raw("weight").and_then(|n| cx.at("weight", |cx| integer(n, cx, 0, 1_000_000))).unwrap_or(1);
-        Some(Backend { service: service?, weight: weight as u32 })
+        let weight = m
+            .raw("weight")
+            .and_then(|n| cx.at("weight", |cx| integer(n, cx, 0, 1_000_000)))
+            .unwrap_or(1);
+        Some(Backend {
+            service: service?,
+            weight: weight as u32,
+        })
     }
 }

@@ -124,9 +124,16 @@ impl Cx {
     ///
     /// Unknown and duplicate keys are reported (with a suggestion for likely
     /// typos) and skipped; `None` if `node` is not a mapping at all.
-    pub fn fields<'n>(&mut self, node: &'n Node, known: &'static [&'static str]) -> Option<Fields<'n>> {
+    pub fn fields<'n>(
+        &mut self,
+        node: &'n Node,
+        known: &'static [&'static str],
+    ) -> Option<Fields<'n>> {
         let Value::Map(entries) = &node.value else {
-            self.error(node.mark, format!("expected a mapping, found {}", node.describe()));
+            self.error(
+                node.mark,
+                format!("expected a mapping, found {}", node.describe()),
+            );
             return None;
         };
         for (i, (key, _)) in entries.iter().enumerate() {
@@ -136,9 +143,16 @@ impl Cx {
                     Some(s) => format!("; did you mean `{s}`?"),
                     None => format!("; expected one of: {}", known.join(", ")),
                 };
-                self.at(name, |cx| cx.error(key.mark, format!("unknown field `{name}`{hint}")));
-            } else if entries[..i].iter().any(|(k, _)| k.as_scalar() == Some(name)) {
-                self.at(name, |cx| cx.error(key.mark, format!("field `{name}` appears twice")));
+                self.at(name, |cx| {
+                    cx.error(key.mark, format!("unknown field `{name}`{hint}"))
+                });
+            } else if entries[..i]
+                .iter()
+                .any(|(k, _)| k.as_scalar() == Some(name))
+            {
+                self.at(name, |cx| {
+                    cx.error(key.mark, format!("field `{name}` appears twice"))
+                });
             }
         }
         Some(Fields { node, entries })
@@ -169,7 +183,9 @@ impl<'n> Fields<'n> {
 
     /// Whether the key is present at all (even with a null value).
     pub fn has(&self, name: &str) -> bool {
-        self.entries.iter().any(|(k, _)| k.as_scalar() == Some(name))
+        self.entries
+            .iter()
+            .any(|(k, _)| k.as_scalar() == Some(name))
     }
 
     /// An optional field: `None` when absent, null, or invalid (then reported).
@@ -189,14 +205,22 @@ impl<'n> Fields<'n> {
             Some(node) => cx.at(name, |cx| T::decode(node, cx)),
             None => {
                 let mark = self.node.mark;
-                cx.at(name, |cx| cx.error(mark, format!("missing required field `{name}`")));
+                cx.at(name, |cx| {
+                    cx.error(mark, format!("missing required field `{name}`"))
+                });
                 None
             }
         }
     }
 
     /// Runs a check with the field's node (or the mapping's mark if absent).
-    pub fn check(&self, cx: &mut Cx, name: &str, ok: bool, message: impl FnOnce() -> String) -> bool {
+    pub fn check(
+        &self,
+        cx: &mut Cx,
+        name: &str,
+        ok: bool,
+        message: impl FnOnce() -> String,
+    ) -> bool {
         let mark = self.raw(name).map_or(self.node.mark, |n| n.mark);
         cx.at(name, |cx| cx.check(ok, mark, message))
     }
@@ -241,7 +265,10 @@ fn scalar_text<'n>(node: &'n Node, cx: &mut Cx, expected: &str) -> Option<&'n st
     match &node.value {
         Value::Scalar { text, .. } => Some(text),
         _ => {
-            cx.error(node.mark, format!("expected {expected}, found {}", node.describe()));
+            cx.error(
+                node.mark,
+                format!("expected {expected}, found {}", node.describe()),
+            );
             None
         }
     }
@@ -255,28 +282,39 @@ impl Decode for String {
 
 impl Decode for bool {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        if let Value::Scalar { text, quoted: false } = &node.value {
-            if let Plain::Bool(b) = plain_scalar(text) {
-                return Some(b);
-            }
+        if let Value::Scalar {
+            text,
+            quoted: false,
+        } = &node.value
+            && let Plain::Bool(b) = plain_scalar(text)
+        {
+            return Some(b);
         }
-        cx.error(node.mark, format!("expected true or false, found {}", node.describe()));
+        cx.error(
+            node.mark,
+            format!("expected true or false, found {}", node.describe()),
+        );
         None
     }
 }
 
 /// Reads an unquoted integer scalar in `lo..=hi`.
 pub fn integer(node: &Node, cx: &mut Cx, lo: i64, hi: i64) -> Option<i64> {
-    if let Value::Scalar { text, quoted: false } = &node.value {
-        if let Plain::Int(i) = plain_scalar(text) {
-            if (lo..=hi).contains(&i) {
-                return Some(i);
-            }
-        }
+    if let Value::Scalar {
+        text,
+        quoted: false,
+    } = &node.value
+        && let Plain::Int(i) = plain_scalar(text)
+        && (lo..=hi).contains(&i)
+    {
+        return Some(i);
     }
     cx.error(
         node.mark,
-        format!("expected an integer from {lo} to {hi}, found {}", node.describe()),
+        format!(
+            "expected an integer from {lo} to {hi}, found {}",
+            node.describe()
+        ),
     );
     None
 }
@@ -296,14 +334,21 @@ decode_int!(u8, u16, u32, u64, i32, i64);
 
 impl Decode for f64 {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        if let Value::Scalar { text, quoted: false } = &node.value {
+        if let Value::Scalar {
+            text,
+            quoted: false,
+        } = &node.value
+        {
             match plain_scalar(text) {
                 Plain::Int(i) => return Some(i as f64),
                 Plain::Float(f) if f.is_finite() => return Some(f),
                 _ => {}
             }
         }
-        cx.error(node.mark, format!("expected a number, found {}", node.describe()));
+        cx.error(
+            node.mark,
+            format!("expected a number, found {}", node.describe()),
+        );
         None
     }
 }
@@ -311,7 +356,10 @@ impl Decode for f64 {
 impl<T: Decode> Decode for Vec<T> {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let Value::Seq(items) = &node.value else {
-            cx.error(node.mark, format!("expected a list, found {}", node.describe()));
+            cx.error(
+                node.mark,
+                format!("expected a list, found {}", node.describe()),
+            );
             return None;
         };
         let before = cx.error_count();
@@ -327,7 +375,10 @@ impl<T: Decode> Decode for Vec<T> {
 impl<T: Decode> Decode for BTreeMap<String, T> {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let Value::Map(entries) = &node.value else {
-            cx.error(node.mark, format!("expected a mapping, found {}", node.describe()));
+            cx.error(
+                node.mark,
+                format!("expected a mapping, found {}", node.describe()),
+            );
             return None;
         };
         let before = cx.error_count();
@@ -438,7 +489,10 @@ mod tests {
     fn reports_missing_required_fields() {
         let (out, errs) = decode_pair("beta: [x]\n");
         assert!(out.is_none());
-        assert_eq!(errs[0].to_string(), "t.yaml:1:1: alpha: missing required field `alpha`");
+        assert_eq!(
+            errs[0].to_string(),
+            "t.yaml:1:1: alpha: missing required field `alpha`"
+        );
     }
 
     #[test]
@@ -452,7 +506,10 @@ mod tests {
 
     #[test]
     fn suggests_close_names_only() {
-        assert_eq!(closest("matchLabel", &["matchLabels", "matchExpressions"]), Some("matchLabels"));
+        assert_eq!(
+            closest("matchLabel", &["matchLabels", "matchExpressions"]),
+            Some("matchLabels")
+        );
         assert_eq!(closest("zzz", &["matchLabels", "matchExpressions"]), None);
     }
 }

@@ -13,4 +13,4 @@ pub mod service;
 pub mod yaml;
 
 pub use decode::Diagnostic;
-pub use resource::{Loaded, LoadReport, Object, Resource, load_paths, load_str};
+pub use resource::{LoadReport, Loaded, Object, Resource, load_paths, load_str};

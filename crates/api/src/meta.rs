@@ -30,7 +30,10 @@ pub struct ObjectMeta {
 
 impl Decode for ObjectMeta {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        let m = cx.fields(node, &["name", "namespace", "labels", "annotations", "revision"])?;
+        let m = cx.fields(
+            node,
+            &["name", "namespace", "labels", "annotations", "revision"],
+        )?;
         let name: Option<String> = m.req(cx, "name");
         if let Some(name) = &name {
             m.check(cx, "name", is_dns_subdomain(name), || {
@@ -64,7 +67,9 @@ pub fn check_labels(labels: &Labels, node: &Node, cx: &mut Cx) {
     for (key, value) in labels {
         let mark = node.get(key).map_or(node.mark, |n| n.mark);
         if let Err(why) = check_label_key(key) {
-            cx.at(key, |cx| cx.error(mark, format!("invalid label key `{key}`: {why}")));
+            cx.at(key, |cx| {
+                cx.error(mark, format!("invalid label key `{key}`: {why}"))
+            });
         }
         if !is_label_value(value) {
             cx.at(key, |cx| {
@@ -80,10 +85,10 @@ pub fn check_label_key(key: &str) -> Result<(), String> {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
     };
-    if let Some(p) = prefix {
-        if !is_dns_subdomain(p) {
-            return Err(format!("prefix `{p}` must be a DNS subdomain"));
-        }
+    if let Some(p) = prefix
+        && !is_dns_subdomain(p)
+    {
+        return Err(format!("prefix `{p}` must be a DNS subdomain"));
     }
     if name.is_empty() || name.len() > 63 || !is_label_value(name) {
         return Err("name part must be 1-63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit".to_string());
@@ -95,7 +100,8 @@ pub fn check_label_key(key: &str) -> Result<(), String> {
 pub fn is_label_value(v: &str) -> bool {
     v.is_empty()
         || (v.len() <= 63
-            && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
             && v.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
             && v.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric()))
 }
@@ -104,7 +110,8 @@ pub fn is_label_value(v: &str) -> bool {
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }

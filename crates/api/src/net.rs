@@ -46,10 +46,15 @@ impl Serialize for PortRef {
 
 impl Decode for PortRef {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        if let Value::Scalar { text, quoted: false } = &node.value {
-            if let Plain::Int(_) = plain_scalar(text) {
-                return integer(node, cx, 1, 65535).and_then(|n| u16::try_from(n).ok()).map(PortRef::Number);
-            }
+        if let Value::Scalar {
+            text,
+            quoted: false,
+        } = &node.value
+            && let Plain::Int(_) = plain_scalar(text)
+        {
+            return integer(node, cx, 1, 65535)
+                .and_then(|n| u16::try_from(n).ok())
+                .map(PortRef::Number);
         }
         let name: String = Decode::decode(node, cx)?;
         if is_port_name(&name) {
@@ -63,7 +68,10 @@ impl Decode for PortRef {
 
 /// An IANA service name as Kubernetes uses for named ports.
 pub fn is_port_name(s: &str) -> bool {
-    s.len() <= 15 && is_dns_label(s) && s.bytes().any(|b| b.is_ascii_lowercase()) && !s.contains("--")
+    s.len() <= 15
+        && is_dns_label(s)
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.contains("--")
 }
 
 /// A port number, 1-65535.
@@ -82,11 +90,15 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -106,7 +118,9 @@ impl FromStr for Cidr {
         let (addr, prefix) = s
             .split_once('/')
             .ok_or_else(|| format!("expected a CIDR such as 10.0.0.0/8, found {s:?}"))?;
-        let addr: IpAddr = addr.parse().map_err(|_| format!("`{addr}` is not an IP address"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an IP address"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix: u8 = prefix
             .parse()
@@ -126,7 +140,9 @@ impl FromStr for Cidr {
             }
         };
         if base != host.addr {
-            return Err(format!("{s} has host bits set; did you mean {base}/{prefix}?"));
+            return Err(format!(
+                "{s} has host bits set; did you mean {base}/{prefix}?"
+            ));
         }
         Ok(cidr)
     }
@@ -180,7 +196,12 @@ mod tests {
         assert!(c.contains("10.1.2.3".parse().unwrap()));
         assert!(!c.contains("10.2.0.1".parse().unwrap()));
         assert!(!c.contains("::1".parse().unwrap()));
-        assert!("10.1.0.1/16".parse::<Cidr>().unwrap_err().contains("10.1.0.0/16"));
+        assert!(
+            "10.1.0.1/16"
+                .parse::<Cidr>()
+                .unwrap_err()
+                .contains("10.1.0.0/16")
+        );
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("198.18.0.1".parse().unwrap()));
         assert!(all.covers(&c));

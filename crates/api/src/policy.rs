@@ -66,7 +66,11 @@ pub struct Rule<P = Peer> {
 impl<P> Rule<P> {
     /// The rule's peers, whichever direction it was read for.
     pub fn peers(&self) -> &[P] {
-        if self.from.is_empty() { &self.to } else { &self.from }
+        if self.from.is_empty() {
+            &self.to
+        } else {
+            &self.from
+        }
     }
 }
 
@@ -111,7 +115,9 @@ pub struct HttpRule {
     pub paths: Vec<String>,
 }
 
-const HTTP_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
+const HTTP_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
 
 impl Decode for PolicySpec {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
@@ -151,17 +157,32 @@ struct RuleFields {
 }
 
 impl RuleFields {
-    const NATIVE_INGRESS: Self = Self { known: &["from", "ports", "http"], ingress: true };
-    const NATIVE_EGRESS: Self = Self { known: &["to", "ports", "http"], ingress: false };
-    const K8S_INGRESS: Self = Self { known: &["from", "ports"], ingress: true };
-    const K8S_EGRESS: Self = Self { known: &["to", "ports"], ingress: false };
+    const NATIVE_INGRESS: Self = Self {
+        known: &["from", "ports", "http"],
+        ingress: true,
+    };
+    const NATIVE_EGRESS: Self = Self {
+        known: &["to", "ports", "http"],
+        ingress: false,
+    };
+    const K8S_INGRESS: Self = Self {
+        known: &["from", "ports"],
+        ingress: true,
+    };
+    const K8S_EGRESS: Self = Self {
+        known: &["to", "ports"],
+        ingress: false,
+    };
 }
 
 fn decode_rules<P: Decode>(node: &Node, cx: &mut Cx, fields: RuleFields) -> Option<Vec<Rule<P>>> {
     let items: Vec<&Node> = match &node.value {
         crate::yaml::Value::Seq(items) => items.iter().collect(),
         _ => {
-            cx.error(node.mark, format!("expected a list of rules, found {}", node.describe()));
+            cx.error(
+                node.mark,
+                format!("expected a list of rules, found {}", node.describe()),
+            );
             return None;
         }
     };
@@ -172,8 +193,17 @@ fn decode_rules<P: Decode>(node: &Node, cx: &mut Cx, fields: RuleFields) -> Opti
             let peers: Vec<P> = m.or_default(cx, if fields.ingress { "from" } else { "to" });
             let ports = m.or_default(cx, "ports");
             let http = m.opt(cx, "http");
-            let (from, to) = if fields.ingress { (peers, Vec::new()) } else { (Vec::new(), peers) };
-            Some(Rule { from, to, ports, http })
+            let (from, to) = if fields.ingress {
+                (peers, Vec::new())
+            } else {
+                (Vec::new(), peers)
+            };
+            Some(Rule {
+                from,
+                to,
+                ports,
+                http,
+            })
         });
         rules.extend(rule);
     }
@@ -196,21 +226,29 @@ impl Decode for Peer {
             check_except(&m, cx, &cidr, &except);
             Some(Peer::Cidr { cidr, except })
         } else {
-            m.check(cx, "except", except.is_empty(), || "`except` needs a `cidr`".to_string());
+            m.check(cx, "except", except.is_empty(), || {
+                "`except` needs a `cidr`".to_string()
+            });
             if !selects {
                 cx.error(m.mark(), "a peer needs `workloads`, `namespaces` or `cidr`; to allow any peer, leave the peer list out");
                 return None;
             }
-            Some(Peer::Workloads { workloads, namespaces })
+            Some(Peer::Workloads {
+                workloads,
+                namespaces,
+            })
         }
     }
 }
 
 fn check_except(m: &Fields<'_>, cx: &mut Cx, cidr: &Cidr, except: &[Cidr]) {
     for e in except {
-        m.check(cx, "except", cidr.covers(e) && e.prefix > cidr.prefix, || {
-            format!("except {e} must be a strict subnet of {cidr}")
-        });
+        m.check(
+            cx,
+            "except",
+            cidr.covers(e) && e.prefix > cidr.prefix,
+            || format!("except {e} must be a strict subnet of {cidr}"),
+        );
     }
 }
 
@@ -219,9 +257,15 @@ impl Decode for PolicyPort {
         let m = cx.fields(node, &["port", "endPort", "protocol"])?;
         let protocol = m.or_default(cx, "protocol");
         let port: Option<PortRef> = m.opt(cx, "port");
-        let end_port = m.raw("endPort").and_then(|n| cx.at("endPort", |cx| decode_port(n, cx)));
+        let end_port = m
+            .raw("endPort")
+            .and_then(|n| cx.at("endPort", |cx| decode_port(n, cx)));
         check_end_port(&m, cx, port.as_ref(), end_port);
-        Some(PolicyPort { protocol, port, end_port })
+        Some(PolicyPort {
+            protocol,
+            port,
+            end_port,
+        })
     }
 }
 
@@ -230,13 +274,19 @@ fn check_end_port(m: &Fields<'_>, cx: &mut Cx, port: Option<&PortRef>, end_port:
     if let Some(end) = end_port {
         match port {
             Some(PortRef::Number(p)) => {
-                m.check(cx, "endPort", end >= *p, || format!("endPort {end} is below port {p}"));
+                m.check(cx, "endPort", end >= *p, || {
+                    format!("endPort {end} is below port {p}")
+                });
             }
             Some(PortRef::Name(_)) => {
-                m.check(cx, "endPort", false, || "endPort cannot be used with a named port".to_string());
+                m.check(cx, "endPort", false, || {
+                    "endPort cannot be used with a named port".to_string()
+                });
             }
             None => {
-                m.check(cx, "endPort", false, || "endPort needs a numeric `port`".to_string());
+                m.check(cx, "endPort", false, || {
+                    "endPort needs a numeric `port`".to_string()
+                });
             }
         }
     }
@@ -247,9 +297,17 @@ impl Decode for HttpRule {
         let m = cx.fields(node, &["methods", "paths"])?;
         let methods: Vec<String> = m.or_default(cx, "methods");
         for method in &methods {
-            m.check(cx, "methods", HTTP_METHODS.contains(&method.as_str()), || {
-                format!("unknown HTTP method `{method}`; expected one of {}", HTTP_METHODS.join(", "))
-            });
+            m.check(
+                cx,
+                "methods",
+                HTTP_METHODS.contains(&method.as_str()),
+                || {
+                    format!(
+                        "unknown HTTP method `{method}`; expected one of {}",
+                        HTTP_METHODS.join(", ")
+                    )
+                },
+            );
         }
         let paths: Vec<String> = m.or_default(cx, "paths");
         for path in &paths {
@@ -321,7 +379,6 @@ pub struct IpBlock {
     pub except: Vec<Cidr>,
 }
 
-
 impl Decode for NetworkPolicySpec {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(node, &["podSelector", "ingress", "egress", "policyTypes"])?;
@@ -353,10 +410,14 @@ impl Decode for NetworkPolicyPeer {
         let selects = m.has("podSelector") || m.has("namespaceSelector");
         if m.has("ipBlock") {
             m.check(cx, "ipBlock", !selects, || {
-                "ipBlock cannot be combined with podSelector or namespaceSelector in one peer".to_string()
+                "ipBlock cannot be combined with podSelector or namespaceSelector in one peer"
+                    .to_string()
             });
         } else if !selects {
-            cx.error(m.mark(), "a peer needs podSelector, namespaceSelector or ipBlock");
+            cx.error(
+                m.mark(),
+                "a peer needs podSelector, namespaceSelector or ipBlock",
+            );
         }
         Some(NetworkPolicyPeer {
             pod_selector,

@@ -80,11 +80,15 @@ impl std::str::FromStr for Endpoint {
             return Ok(Endpoint::Address(ip));
         }
         match s.split_once('/') {
-            Some((ns, name)) if is_dns_label(ns) && is_dns_subdomain(name) => Ok(Endpoint::Workload {
-                namespace: ns.to_string(),
-                name: name.to_string(),
-            }),
-            _ => Err(format!("expected `namespace/name` or an IP address, found {s:?}")),
+            Some((ns, name)) if is_dns_label(ns) && is_dns_subdomain(name) => {
+                Ok(Endpoint::Workload {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                })
+            }
+            _ => Err(format!(
+                "expected `namespace/name` or an IP address, found {s:?}"
+            )),
         }
     }
 }
@@ -115,40 +119,60 @@ impl Decode for PolicyTestSpec {
         let m = cx.fields(node, &["policyDefault", "namespaces", "workloads", "cases"])?;
         let policy_default = m.or_default(cx, "policyDefault");
         let namespaces: Vec<TestNamespace> = m.or_default(cx, "namespaces");
+        let before = cx.error_count();
         let workloads: Vec<TestWorkload> = m.or_default(cx, "workloads");
-        let cases: Vec<TestCase> = m.or_default(cx, "cases");
+        // Without a complete workload list, "not declared" would be noise.
+        let declared = (cx.error_count() == before).then_some(workloads.as_slice());
+        let cases = decode_cases(&m, cx, declared);
         for (i, w) in workloads.iter().enumerate() {
-            let dup = workloads[..i].iter().any(|o| o.namespace == w.namespace && o.name == w.name);
-            m.check(cx, "workloads", !dup, || format!("workload {}/{} is listed twice", w.namespace, w.name));
+            let dup = workloads[..i]
+                .iter()
+                .any(|o| o.namespace == w.namespace && o.name == w.name);
+            m.check(cx, "workloads", !dup, || {
+                format!("workload {}/{} is listed twice", w.namespace, w.name)
+            });
         }
         for (i, ns) in namespaces.iter().enumerate() {
             let dup = namespaces[..i].iter().any(|o| o.name == ns.name);
-            m.check(cx, "namespaces", !dup, || format!("namespace {} is listed twice", ns.name));
+            m.check(cx, "namespaces", !dup, || {
+                format!("namespace {} is listed twice", ns.name)
+            });
         }
-        check_case_endpoints(&m, cx, &workloads, &cases);
-        Some(PolicyTestSpec { policy_default, namespaces, workloads, cases })
+        Some(PolicyTestSpec {
+            policy_default,
+            namespaces,
+            workloads,
+            cases,
+        })
     }
 }
 
-/// Every case must name workloads the test declares.
-fn check_case_endpoints(m: &Fields<'_>, cx: &mut Cx, workloads: &[TestWorkload], cases: &[TestCase]) {
-    let Some(cases_node) = m.raw("cases") else { return };
-    for (i, case) in cases.iter().enumerate() {
-        for (field, end) in [("from", &case.from), ("to", &case.to)] {
-            if let Endpoint::Workload { namespace, name } = end {
-                let known = workloads.iter().any(|w| &w.namespace == namespace && &w.name == name);
-                if !known {
-                    let mark = match &cases_node.value {
-                        crate::yaml::Value::Seq(items) => items.get(i).and_then(|n| n.get(field)).map_or(cases_node.mark, |n| n.mark),
-                        _ => cases_node.mark,
-                    };
-                    cx.at("cases", |cx| cx.at_index(i, |cx| cx.at(field, |cx| {
-                        cx.error(mark, format!("workload {namespace}/{name} is not declared under `workloads`"));
-                    })));
+/// Decodes each case and checks it names workloads the test declares.
+fn decode_cases(m: &Fields<'_>, cx: &mut Cx, workloads: Option<&[TestWorkload]>) -> Vec<TestCase> {
+    let Some(node) = m.raw("cases") else {
+        return Vec::new();
+    };
+    let crate::yaml::Value::Seq(items) = &node.value else {
+        return m.opt::<Vec<TestCase>>(cx, "cases").unwrap_or_default();
+    };
+    let mut cases = Vec::new();
+    cx.at("cases", |cx| {
+        for (i, item) in items.iter().enumerate() {
+            cx.at_index(i, |cx| {
+                let Some(case) = TestCase::decode(item, cx) else { return };
+                for (field, end) in [("from", &case.from), ("to", &case.to)] {
+                    if let (Endpoint::Workload { namespace, name }, Some(workloads)) = (end, workloads) {
+                        if !workloads.iter().any(|w| &w.namespace == namespace && &w.name == name) {
+                            let mark = item.get(field).map_or(item.mark, |n| n.mark);
+                            cx.at(field, |cx| cx.error(mark, format!("workload {namespace}/{name} is not declared under `workloads`")));
+                        }
+                    }
                 }
-            }
+                cases.push(case);
+            });
         }
-    }
+    });
+    cases
 }
 
 impl Decode for TestNamespace {
@@ -156,10 +180,15 @@ impl Decode for TestNamespace {
         let m = cx.fields(node, &["name", "labels"])?;
         let name: Option<String> = m.req(cx, "name");
         if let Some(n) = &name {
-            m.check(cx, "name", is_dns_label(n), || format!("`{n}` is not a valid namespace name"));
+            m.check(cx, "name", is_dns_label(n), || {
+                format!("`{n}` is not a valid namespace name")
+            });
         }
         let labels = decode_labels(&m, cx);
-        Some(TestNamespace { name: name?, labels })
+        Some(TestNamespace {
+            name: name?,
+            labels,
+        })
     }
 }
 
@@ -174,18 +203,28 @@ fn decode_labels(m: &Fields<'_>, cx: &mut Cx) -> Labels {
 impl Decode for TestWorkload {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(node, &["name", "labels", "ports", "ip"])?;
-        let name = m.req(cx, "name").and_then(|full: String| match full.parse() {
-            Ok(Endpoint::Workload { namespace, name }) => Some((namespace, name)),
-            _ => {
-                m.check(cx, "name", false, || format!("expected `namespace/name`, found {full:?}"));
-                None
-            }
-        });
+        let name = m
+            .req(cx, "name")
+            .and_then(|full: String| match full.parse() {
+                Ok(Endpoint::Workload { namespace, name }) => Some((namespace, name)),
+                _ => {
+                    m.check(cx, "name", false, || {
+                        format!("expected `namespace/name`, found {full:?}")
+                    });
+                    None
+                }
+            });
         let labels = decode_labels(&m, cx);
         let ports = m.or_default(cx, "ports");
         let ip = m.opt(cx, "ip");
         let (namespace, name) = name?;
-        Some(TestWorkload { namespace, name, labels, ports, ip })
+        Some(TestWorkload {
+            namespace,
+            name,
+            labels,
+            ports,
+            ip,
+        })
     }
 }
 
@@ -194,13 +233,21 @@ impl Decode for NamedPort {
         let m = cx.fields(node, &["name", "port", "protocol"])?;
         let name: Option<String> = m.opt(cx, "name");
         if let Some(n) = &name {
-            m.check(cx, "name", is_port_name(n), || format!("`{n}` is not a valid port name"));
+            m.check(cx, "name", is_port_name(n), || {
+                format!("`{n}` is not a valid port name")
+            });
         }
-        let port = m.raw("port").and_then(|n| cx.at("port", |cx| decode_port(n, cx)));
+        let port = m
+            .raw("port")
+            .and_then(|n| cx.at("port", |cx| decode_port(n, cx)));
         if !m.has("port") {
             m.req::<u16>(cx, "port");
         }
-        Some(NamedPort { name, port: port?, protocol: m.or_default(cx, "protocol") })
+        Some(NamedPort {
+            name,
+            port: port?,
+            protocol: m.or_default(cx, "protocol"),
+        })
     }
 }
 
@@ -222,12 +269,21 @@ impl Decode for TestCase {
         let m = cx.fields(node, &["from", "to", "port", "protocol", "expect"])?;
         let from = m.req(cx, "from");
         let to = m.req(cx, "to");
-        let port = m.raw("port").and_then(|n| cx.at("port", |cx| decode_port(n, cx)));
+        let port = m
+            .raw("port")
+            .and_then(|n| cx.at("port", |cx| decode_port(n, cx)));
         if !m.has("port") {
             m.req::<u16>(cx, "port");
         }
         let protocol = m.or_default(cx, "protocol");
         let expect = m.req(cx, "expect");
-        Some(TestCase { from: from?, to: to?, port: port?, protocol, expect: expect?, line: node.mark.line })
+        Some(TestCase {
+            from: from?,
+            to: to?,
+            port: port?,
+            protocol,
+            expect: expect?,
+            line: node.mark.line,
+        })
     }
 }

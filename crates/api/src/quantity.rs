@@ -36,7 +36,11 @@ impl Quantity {
             "Ti" => 1_000 << 40,
             "Pi" => 1_000 << 50,
             "Ei" => 1_000 << 60,
-            _ => return Err(format!("unknown suffix `{suffix}`; use m, k, M, G, T, Ki, Mi, Gi or Ti")),
+            _ => {
+                return Err(format!(
+                    "unknown suffix `{suffix}`; use m, k, M, G, T, Ki, Mi, Gi or Ti"
+                ));
+            }
         };
         let (int, frac) = number.split_once('.').unwrap_or((number, ""));
         if int.is_empty() && frac.is_empty() || frac.contains('.') || number.is_empty() {
@@ -86,7 +90,13 @@ impl Serialize for Quantity {
 impl Decode for Quantity {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let Value::Scalar { text, .. } = &node.value else {
-            cx.error(node.mark, format!("expected a quantity such as 500m or 256Mi, found {}", node.describe()));
+            cx.error(
+                node.mark,
+                format!(
+                    "expected a quantity such as 500m or 256Mi, found {}",
+                    node.describe()
+                ),
+            );
             return None;
         };
         match Quantity::parse(text) {
@@ -111,19 +121,31 @@ impl Duration {
             return Err("empty duration".to_string());
         }
         while !rest.is_empty() {
-            let n = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let n = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             if n == 0 {
-                return Err(format!("expected a duration such as 250ms, 30s, 5m or 1h, found {text:?}"));
+                return Err(format!(
+                    "expected a duration such as 250ms, 30s, 5m or 1h, found {text:?}"
+                ));
             }
-            let value: u64 = rest[..n].parse().map_err(|_| "number is too large".to_string())?;
+            let value: u64 = rest[..n]
+                .parse()
+                .map_err(|_| "number is too large".to_string())?;
             rest = &rest[n..];
-            let u = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let u = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
             let unit = match &rest[..u] {
                 "ms" => std::time::Duration::from_millis(value),
                 "s" => std::time::Duration::from_secs(value),
                 "m" => std::time::Duration::from_secs(value.saturating_mul(60)),
                 "h" => std::time::Duration::from_secs(value.saturating_mul(3600)),
-                other => return Err(format!("unknown unit `{other}` in {text:?}; use ms, s, m or h")),
+                other => {
+                    return Err(format!(
+                        "unknown unit `{other}` in {text:?}; use ms, s, m or h"
+                    ));
+                }
             };
             total = total.saturating_add(unit);
             rest = &rest[u..];
@@ -135,7 +157,7 @@ impl Duration {
 impl Serialize for Duration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let ms = self.0.as_millis();
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             s.serialize_str(&format!("{}s", ms / 1000))
         } else {
             s.serialize_str(&format!("{ms}ms"))
@@ -146,11 +168,14 @@ impl Serialize for Duration {
 impl Decode for Duration {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let text = node.as_scalar().unwrap_or_default();
-        if let Value::Scalar { quoted: false, .. } = node.value {
-            if let Plain::Int(_) = plain_scalar(text) {
-                cx.error(node.mark, format!("a duration needs a unit: write {text}s or {text}ms"));
-                return None;
-            }
+        if let Value::Scalar { quoted: false, .. } = node.value
+            && let Plain::Int(_) = plain_scalar(text)
+        {
+            cx.error(
+                node.mark,
+                format!("a duration needs a unit: write {text}s or {text}ms"),
+            );
+            return None;
         }
         match Duration::parse(text) {
             Ok(d) => Some(d),

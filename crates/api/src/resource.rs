@@ -43,7 +43,7 @@ impl<S, T> Object<S, T> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Resource {
-    Service(Object<ServiceSpec>),
+    Service(Box<Object<ServiceSpec>>),
     Instance(Object<InstanceSpec, InstanceStatus>),
     Node(Object<NodeSpec, NodeStatus>),
     Policy(Object<PolicySpec>),
@@ -103,9 +103,15 @@ impl Resource {
         let kind: Option<String> = m.req(cx, "kind");
         let api_version: Option<String> = m.req(cx, "apiVersion");
         let (kind, api_version) = (kind?, api_version?);
-        let Some(&(kind, expected_api, namespaced)) = KINDS.iter().find(|(k, ..)| *k == kind) else {
+        let Some(&(kind, expected_api, namespaced)) = KINDS.iter().find(|(k, ..)| *k == kind)
+        else {
             let known: Vec<&str> = KINDS.iter().map(|(k, ..)| *k).collect();
-            m.check(cx, "kind", false, || format!("unknown kind `{kind}`; expected one of {}", known.join(", ")));
+            m.check(cx, "kind", false, || {
+                format!(
+                    "unknown kind `{kind}`; expected one of {}",
+                    known.join(", ")
+                )
+            });
             return None;
         };
         m.check(cx, "apiVersion", api_version == expected_api, || {
@@ -116,13 +122,25 @@ impl Resource {
             if namespaced {
                 meta.namespace.get_or_insert_with(|| "default".to_string());
             } else if meta.namespace.is_some() {
-                let mark = m.raw("metadata").and_then(|n| n.get("namespace")).map_or(m.mark(), |n| n.mark);
-                cx.at("metadata", |cx| cx.at("namespace", |cx| cx.error(mark, format!("{kind} is not namespaced; remove `namespace`"))));
+                let mark = m
+                    .raw("metadata")
+                    .and_then(|n| n.get("namespace"))
+                    .map_or(m.mark(), |n| n.mark);
+                cx.at("metadata", |cx| {
+                    cx.at("namespace", |cx| {
+                        cx.error(
+                            mark,
+                            format!("{kind} is not namespaced; remove `namespace`"),
+                        )
+                    })
+                });
             }
         }
         let has_status = matches!(kind, "Instance" | "Node");
         if !has_status && m.has("status") {
-            m.check(cx, "status", false, || format!("{kind} has no `status`; remove it"));
+            m.check(cx, "status", false, || {
+                format!("{kind} has no `status`; remove it")
+            });
         }
         fn object<S: Decode, T: Decode>(
             m: &crate::decode::Fields<'_>,
@@ -133,14 +151,22 @@ impl Resource {
         ) -> Option<Object<S, T>> {
             let spec = m.req(cx, "spec");
             let status = m.opt(cx, "status");
-            Some(Object { api_version, kind: kind.to_string(), metadata: metadata?, spec: spec?, status })
+            Some(Object {
+                api_version,
+                kind: kind.to_string(),
+                metadata: metadata?,
+                spec: spec?,
+                status,
+            })
         }
         Some(match kind {
-            "Service" => Resource::Service(object(&m, cx, api_version, kind, metadata)?),
+            "Service" => Resource::Service(Box::new(object(&m, cx, api_version, kind, metadata)?)),
             "Instance" => Resource::Instance(object(&m, cx, api_version, kind, metadata)?),
             "Node" => Resource::Node(object(&m, cx, api_version, kind, metadata)?),
             "Policy" => Resource::Policy(object(&m, cx, api_version, kind, metadata)?),
-            "NetworkPolicy" => Resource::NetworkPolicy(object(&m, cx, api_version, kind, metadata)?),
+            "NetworkPolicy" => {
+                Resource::NetworkPolicy(object(&m, cx, api_version, kind, metadata)?)
+            }
             "Route" => Resource::Route(object(&m, cx, api_version, kind, metadata)?),
             _ => Resource::PolicyTest(object(&m, cx, api_version, kind, metadata)?),
         })
@@ -173,13 +199,24 @@ pub struct LoadReport {
 /// callers act on whole files, never on half of one.
 pub fn load_str(file: &str, src: &str) -> Result<Vec<Loaded>, Vec<Diagnostic>> {
     let docs = yaml::parse(src, Limits::default()).map_err(|e| {
-        vec![Diagnostic { file: file.to_string(), line: e.mark.line, col: e.mark.col, field: String::new(), message: e.message }]
+        vec![Diagnostic {
+            file: file.to_string(),
+            line: e.mark.line,
+            col: e.mark.col,
+            field: String::new(),
+            message: e.message,
+        }]
     })?;
     let mut cx = Cx::new(file);
     let mut out = Vec::new();
     // A JSON array of objects is read like a multi-document stream.
     let docs: Vec<Node> = match docs.as_slice() {
-        [Node { value: Value::Seq(items), .. }] if file.ends_with(".json") => items.clone(),
+        [
+            Node {
+                value: Value::Seq(items),
+                ..
+            },
+        ] if file.ends_with(".json") => items.clone(),
         _ => docs,
     };
     for doc in &docs {
@@ -187,11 +224,19 @@ pub fn load_str(file: &str, src: &str) -> Result<Vec<Loaded>, Vec<Diagnostic>> {
             continue;
         }
         if let Some(resource) = Resource::decode(doc, &mut cx) {
-            out.push(Loaded { resource, file: file.to_string(), line: doc.mark.line });
+            out.push(Loaded {
+                resource,
+                file: file.to_string(),
+                line: doc.mark.line,
+            });
         }
     }
     let errors = cx.into_errors();
-    if errors.is_empty() { Ok(out) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Loads files and directories (recursively: `*.yaml`, `*.yml`, `*.json`,
@@ -220,17 +265,25 @@ pub fn load_paths(paths: &[PathBuf]) -> LoadReport {
 }
 
 fn check_duplicates(report: &mut LoadReport) {
-    let mut seen: std::collections::HashMap<(String, Option<String>, String), (String, usize)> = Default::default();
+    let mut seen: std::collections::HashMap<(String, Option<String>, String), (String, usize)> =
+        Default::default();
     for l in &report.resources {
         let meta = l.resource.metadata();
-        let key = (l.resource.kind().to_string(), meta.namespace.clone(), meta.name.clone());
+        let key = (
+            l.resource.kind().to_string(),
+            meta.namespace.clone(),
+            meta.name.clone(),
+        );
         if let Some((file, line)) = seen.get(&key) {
             report.errors.push(Diagnostic {
                 file: l.file.clone(),
                 line: l.line,
                 col: 1,
                 field: "metadata.name".to_string(),
-                message: format!("{} is also defined at {file}:{line}", l.resource.display_name()),
+                message: format!(
+                    "{} is also defined at {file}:{line}",
+                    l.resource.display_name()
+                ),
             });
         } else {
             seen.insert(key, (l.file.clone(), l.line));
@@ -239,7 +292,13 @@ fn check_duplicates(report: &mut LoadReport) {
 }
 
 fn file_error(path: &Path, message: String) -> Diagnostic {
-    Diagnostic { file: path.display().to_string(), line: 0, col: 0, field: String::new(), message }
+    Diagnostic {
+        file: path.display().to_string(),
+        line: 0,
+        col: 0,
+        field: String::new(),
+        message,
+    }
 }
 
 fn collect_files(path: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> Result<(), String> {
@@ -248,7 +307,10 @@ fn collect_files(path: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> Result<
         let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
             .map_err(|e| format!("cannot list directory: {e}"))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
             .collect();
         entries.sort();
         for entry in entries {
@@ -261,16 +323,29 @@ fn collect_files(path: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> Result<
 }
 
 fn is_manifest(path: &Path) -> bool {
-    matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
 }
 
 /// Reads a file, refusing ones over `max` bytes without reading them whole.
 fn read_limited(path: &Path, max: usize) -> Result<String, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let mut buf = Vec::new();
-    file.take(max as u64 + 1).read_to_end(&mut buf).map_err(|e| format!("cannot read: {e}"))?;
+    file.take(max as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read: {e}"))?;
     if buf.len() > max {
-        return Err(format!("file is larger than the {} MiB limit for manifests; split it into smaller files", max / (1024 * 1024)));
+        return Err(format!(
+            "file is larger than the {} MiB limit for manifests; split it into smaller files",
+            max / (1024 * 1024)
+        ));
     }
-    String::from_utf8(buf).map_err(|e| format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))
+    String::from_utf8(buf).map_err(|e| {
+        format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
 }

@@ -72,7 +72,9 @@ impl Decode for LabelSelector {
         let m = cx.fields(node, &["matchLabels", "matchExpressions"])?;
         let match_labels: BTreeMap<String, String> = m.or_default(cx, "matchLabels");
         if let Some(n) = m.raw("matchLabels") {
-            cx.at("matchLabels", |cx| crate::meta::check_labels(&match_labels, n, cx));
+            cx.at("matchLabels", |cx| {
+                crate::meta::check_labels(&match_labels, n, cx)
+            });
         }
         let match_expressions = m.or_default(cx, "matchExpressions");
         Some(LabelSelector {
@@ -86,10 +88,12 @@ impl Decode for Requirement {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(node, &["key", "operator", "values"])?;
         let key: Option<String> = m.req(cx, "key");
-        if let Some(k) = &key {
-            if let Err(why) = check_label_key(k) {
-                m.check(cx, "key", false, || format!("invalid label key `{k}`: {why}"));
-            }
+        if let Some(k) = &key
+            && let Err(why) = check_label_key(k)
+        {
+            m.check(cx, "key", false, || {
+                format!("invalid label key `{k}`: {why}")
+            });
         }
         let operator: Option<Operator> = m.req(cx, "operator");
         let values: Vec<String> = m.or_default(cx, "values");
@@ -117,7 +121,11 @@ impl std::fmt::Display for LabelSelector {
         if self.is_empty() {
             return f.write_str("(all)");
         }
-        let mut parts: Vec<String> = self.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut parts: Vec<String> = self
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         for r in &self.match_expressions {
             parts.push(match r.operator {
                 Operator::In => format!("{} in ({})", r.key, r.values.join(",")),
@@ -135,7 +143,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]

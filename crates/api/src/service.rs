@@ -249,7 +249,16 @@ impl Decode for ServiceSpec {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(
             node,
-            &["replicas", "run", "resources", "ports", "health", "placement", "rollout", "autoscale"],
+            &[
+                "replicas",
+                "run",
+                "resources",
+                "ports",
+                "health",
+                "placement",
+                "rollout",
+                "autoscale",
+            ],
         )?;
         let replicas = m.opt(cx, "replicas").unwrap_or(1);
         let run = m.req(cx, "run");
@@ -259,12 +268,29 @@ impl Decode for ServiceSpec {
             let dup_name = ports[..i].iter().any(|q| q.name == p.name);
             let dup_port = ports[..i].iter().any(|q| q.port == p.port);
             m.check(cx, "ports", !dup_name && !dup_port, || {
-                format!("port {} ({}) is listed twice; names and numbers must be unique", p.port, p.name)
+                format!(
+                    "port {} ({}) is listed twice; names and numbers must be unique",
+                    p.port, p.name
+                )
             });
         }
         let health: Health = m.or_default(cx, "health");
-        for (name, probe) in [("readiness", &health.readiness), ("liveness", &health.liveness)] {
-            if let Some(Probe { check: Check::Http { port: PortRef::Name(n), .. } | Check::Tcp { port: PortRef::Name(n) }, .. }) = probe {
+        for (name, probe) in [
+            ("readiness", &health.readiness),
+            ("liveness", &health.liveness),
+        ] {
+            if let Some(Probe {
+                check:
+                    Check::Http {
+                        port: PortRef::Name(n),
+                        ..
+                    }
+                    | Check::Tcp {
+                        port: PortRef::Name(n),
+                    },
+                ..
+            }) = probe
+            {
                 m.check(cx, "health", ports.iter().any(|p| &p.name == n), || {
                     format!("{name} probe names port `{n}`, which is not in `ports`")
                 });
@@ -276,12 +302,15 @@ impl Decode for ServiceSpec {
             max_unavailable: IntOrPercent::Int(0),
         });
         let autoscale: Option<Autoscale> = m.opt(cx, "autoscale");
-        if let Some(a) = &autoscale {
-            if m.has("replicas") {
-                m.check(cx, "replicas", (a.min..=a.max).contains(&replicas), || {
-                    format!("replicas {replicas} is outside autoscale bounds {}..={}", a.min, a.max)
-                });
-            }
+        if let Some(a) = &autoscale
+            && m.has("replicas")
+        {
+            m.check(cx, "replicas", (a.min..=a.max).contains(&replicas), || {
+                format!(
+                    "replicas {replicas} is outside autoscale bounds {}..={}",
+                    a.min, a.max
+                )
+            });
         }
         Some(ServiceSpec {
             replicas,
@@ -301,7 +330,9 @@ impl Decode for Run {
         let m = cx.fields(node, &["command", "args", "env", "user"])?;
         let command: Option<String> = m.req(cx, "command");
         if let Some(c) = &command {
-            m.check(cx, "command", !c.trim().is_empty(), || "command must not be empty".to_string());
+            m.check(cx, "command", !c.trim().is_empty(), || {
+                "command must not be empty".to_string()
+            });
         }
         let args = m.or_default(cx, "args");
         let env: BTreeMap<String, String> = m.or_default(cx, "env");
@@ -309,10 +340,17 @@ impl Decode for Run {
             let ok = !key.is_empty()
                 && !key.starts_with(|c: char| c.is_ascii_digit())
                 && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            m.check(cx, "env", ok, || format!("`{key}` is not a valid environment variable name"));
+            m.check(cx, "env", ok, || {
+                format!("`{key}` is not a valid environment variable name")
+            });
         }
         let user = m.opt(cx, "user");
-        Some(Run { command: command?, args, env, user })
+        Some(Run {
+            command: command?,
+            args,
+            env,
+            user,
+        })
     }
 }
 
@@ -324,13 +362,19 @@ impl Decode for Resources {
         for (name, limit) in &limits {
             if let Some(request) = requests.get(name) {
                 m.check(cx, "limits", limit.milli() >= request.milli(), || {
-                    format!("{name} limit {} is below its request {}", limit.as_str(), request.as_str())
+                    format!(
+                        "{name} limit {} is below its request {}",
+                        limit.as_str(),
+                        request.as_str()
+                    )
                 });
             }
         }
         for name in requests.keys().chain(limits.keys()) {
             let ok = crate::meta::check_label_key(name).is_ok();
-            m.check(cx, "requests", ok, || format!("`{name}` is not a valid resource name"));
+            m.check(cx, "requests", ok, || {
+                format!("`{name}` is not a valid resource name")
+            });
         }
         Some(Resources { requests, limits })
     }
@@ -345,12 +389,18 @@ impl Decode for ServicePort {
                 format!("`{n}` is not a valid port name: at most 15 lowercase letters, digits and '-', with at least one letter")
             });
         }
-        let port = m.raw("port").map(|n| cx.at("port", |cx| decode_port(n, cx)));
+        let port = m
+            .raw("port")
+            .map(|n| cx.at("port", |cx| decode_port(n, cx)));
         if port.is_none() {
             m.req::<u16>(cx, "port");
         }
         let protocol = m.or_default(cx, "protocol");
-        Some(ServicePort { name: name?, port: port.flatten()?, protocol })
+        Some(ServicePort {
+            name: name?,
+            port: port.flatten()?,
+            protocol,
+        })
     }
 }
 
@@ -368,28 +418,52 @@ impl Decode for Probe {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(
             node,
-            &["http", "tcp", "command", "period", "timeout", "initialDelay", "successThreshold", "failureThreshold"],
+            &[
+                "http",
+                "tcp",
+                "command",
+                "period",
+                "timeout",
+                "initialDelay",
+                "successThreshold",
+                "failureThreshold",
+            ],
         )?;
-        let kinds = ["http", "tcp", "command"].iter().filter(|k| m.has(k)).count();
+        let kinds = ["http", "tcp", "command"]
+            .iter()
+            .filter(|k| m.has(k))
+            .count();
         if kinds != 1 {
-            cx.error(m.mark(), "a probe needs exactly one of `http`, `tcp` or `command`");
+            cx.error(
+                m.mark(),
+                "a probe needs exactly one of `http`, `tcp` or `command`",
+            );
         }
         let check = if let Some(n) = m.raw("http") {
             cx.at("http", |cx| {
                 let h = cx.fields(n, &["path", "port"])?;
                 let path: String = h.opt(cx, "path").unwrap_or_else(|| "/".to_string());
-                h.check(cx, "path", path.starts_with('/'), || format!("path `{path}` must start with '/'"));
-                Some(Check::Http { path, port: h.req(cx, "port")? })
+                h.check(cx, "path", path.starts_with('/'), || {
+                    format!("path `{path}` must start with '/'")
+                });
+                Some(Check::Http {
+                    path,
+                    port: h.req(cx, "port")?,
+                })
             })
         } else if let Some(n) = m.raw("tcp") {
             cx.at("tcp", |cx| {
                 let t = cx.fields(n, &["port"])?;
-                Some(Check::Tcp { port: t.req(cx, "port")? })
+                Some(Check::Tcp {
+                    port: t.req(cx, "port")?,
+                })
             })
         } else if m.has("command") {
             let argv: Option<Vec<String>> = m.req(cx, "command");
             if let Some(a) = &argv {
-                m.check(cx, "command", !a.is_empty(), || "command needs at least one word".to_string());
+                m.check(cx, "command", !a.is_empty(), || {
+                    "command needs at least one word".to_string()
+                });
             }
             argv.map(Check::Command)
         } else {
@@ -401,27 +475,66 @@ impl Decode for Probe {
         let initial_delay = m.or_default(cx, "initialDelay");
         let success_threshold = m.opt(cx, "successThreshold").unwrap_or(1);
         let failure_threshold = m.opt(cx, "failureThreshold").unwrap_or(3);
-        m.check(cx, "period", period.0 >= std::time::Duration::from_millis(100), || "period must be at least 100ms".to_string());
-        m.check(cx, "timeout", timeout <= period && !timeout.0.is_zero(), || "timeout must be positive and no longer than period".to_string());
-        m.check(cx, "successThreshold", success_threshold >= 1, || "successThreshold must be at least 1".to_string());
-        m.check(cx, "failureThreshold", failure_threshold >= 1, || "failureThreshold must be at least 1".to_string());
-        Some(Probe { check: check?, period, timeout, initial_delay, success_threshold, failure_threshold })
+        m.check(
+            cx,
+            "period",
+            period.0 >= std::time::Duration::from_millis(100),
+            || "period must be at least 100ms".to_string(),
+        );
+        m.check(
+            cx,
+            "timeout",
+            timeout <= period && !timeout.0.is_zero(),
+            || "timeout must be positive and no longer than period".to_string(),
+        );
+        m.check(cx, "successThreshold", success_threshold >= 1, || {
+            "successThreshold must be at least 1".to_string()
+        });
+        m.check(cx, "failureThreshold", failure_threshold >= 1, || {
+            "failureThreshold must be at least 1".to_string()
+        });
+        Some(Probe {
+            check: check?,
+            period,
+            timeout,
+            initial_delay,
+            success_threshold,
+            failure_threshold,
+        })
     }
 }
 
 impl Decode for Placement {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        let m = cx.fields(node, &["nodeSelector", "tolerations", "spread", "antiAffinity", "priority"])?;
+        let m = cx.fields(
+            node,
+            &[
+                "nodeSelector",
+                "tolerations",
+                "spread",
+                "antiAffinity",
+                "priority",
+            ],
+        )?;
         let node_selector: Labels = m.or_default(cx, "nodeSelector");
         if let Some(n) = m.raw("nodeSelector") {
-            cx.at("nodeSelector", |cx| crate::meta::check_labels(&node_selector, n, cx));
+            cx.at("nodeSelector", |cx| {
+                crate::meta::check_labels(&node_selector, n, cx)
+            });
         }
         Some(Placement {
             node_selector,
             tolerations: m.or_default(cx, "tolerations"),
             spread: m.or_default(cx, "spread"),
             anti_affinity: m.or_default(cx, "antiAffinity"),
-            priority: m.raw("priority").and_then(|n| cx.at("priority", |cx| integer(n, cx, -1_000_000_000, 1_000_000_000))).map_or(0, |p| p as i32),
+            priority: m
+                .raw("priority")
+                .and_then(|n| {
+                    cx.at("priority", |cx| {
+                        integer(n, cx, -1_000_000_000, 1_000_000_000)
+                    })
+                })
+                .map_or(0, |p| p as i32),
         })
     }
 }
@@ -434,13 +547,22 @@ impl Decode for Toleration {
         let value: String = m.or_default(cx, "value");
         match operator {
             TolerationOperator::Equal => {
-                m.check(cx, "key", !key.is_empty(), || "operator Equal needs a `key`".to_string());
+                m.check(cx, "key", !key.is_empty(), || {
+                    "operator Equal needs a `key`".to_string()
+                });
             }
             TolerationOperator::Exists => {
-                m.check(cx, "value", value.is_empty(), || "operator Exists takes no `value`".to_string());
+                m.check(cx, "value", value.is_empty(), || {
+                    "operator Exists takes no `value`".to_string()
+                });
             }
         }
-        Some(Toleration { key, operator, value, effect: m.opt(cx, "effect") })
+        Some(Toleration {
+            key,
+            operator,
+            value,
+            effect: m.opt(cx, "effect"),
+        })
     }
 }
 
@@ -449,18 +571,32 @@ impl Decode for Spread {
         let m = cx.fields(node, &["topologyKey", "maxSkew", "mode"])?;
         let topology_key = m.req(cx, "topologyKey");
         let max_skew = m.opt(cx, "maxSkew").unwrap_or(1);
-        m.check(cx, "maxSkew", max_skew >= 1, || "maxSkew must be at least 1".to_string());
-        Some(Spread { topology_key: topology_key?, max_skew, mode: m.or_default(cx, "mode") })
+        m.check(cx, "maxSkew", max_skew >= 1, || {
+            "maxSkew must be at least 1".to_string()
+        });
+        Some(Spread {
+            topology_key: topology_key?,
+            max_skew,
+            mode: m.or_default(cx, "mode"),
+        })
     }
 }
 
 impl Decode for AntiAffinity {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(node, &["topologyKey", "maxPerDomain", "mode"])?;
-        let topology_key = m.opt(cx, "topologyKey").unwrap_or_else(|| "hostname".to_string());
+        let topology_key = m
+            .opt(cx, "topologyKey")
+            .unwrap_or_else(|| "hostname".to_string());
         let max_per_domain = m.opt(cx, "maxPerDomain").unwrap_or(1);
-        m.check(cx, "maxPerDomain", max_per_domain >= 1, || "maxPerDomain must be at least 1".to_string());
-        Some(AntiAffinity { topology_key, max_per_domain, mode: m.or_default(cx, "mode") })
+        m.check(cx, "maxPerDomain", max_per_domain >= 1, || {
+            "maxPerDomain must be at least 1".to_string()
+        });
+        Some(AntiAffinity {
+            topology_key,
+            max_per_domain,
+            mode: m.or_default(cx, "mode"),
+        })
     }
 }
 
@@ -468,7 +604,10 @@ impl Decode for Rollout {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(node, &["rolling", "canary"])?;
         if m.has("rolling") == m.has("canary") {
-            cx.error(m.mark(), "a rollout needs exactly one of `rolling` or `canary`");
+            cx.error(
+                m.mark(),
+                "a rollout needs exactly one of `rolling` or `canary`",
+            );
             return None;
         }
         if let Some(n) = m.raw("rolling") {
@@ -476,9 +615,16 @@ impl Decode for Rollout {
                 let r = cx.fields(n, &["maxSurge", "maxUnavailable"])?;
                 let max_surge = r.opt(cx, "maxSurge").unwrap_or(IntOrPercent::Percent(25));
                 let max_unavailable = r.opt(cx, "maxUnavailable").unwrap_or(IntOrPercent::Int(0));
-                let both_zero = max_surge.resolve_ceil(100) == 0 && max_unavailable.resolve_floor(100) == 0;
-                r.check(cx, "maxUnavailable", !both_zero, || "maxSurge and maxUnavailable cannot both be 0: the rollout could never progress".to_string());
-                Some(Rollout::Rolling { max_surge, max_unavailable })
+                let both_zero =
+                    max_surge.resolve_ceil(100) == 0 && max_unavailable.resolve_floor(100) == 0;
+                r.check(cx, "maxUnavailable", !both_zero, || {
+                    "maxSurge and maxUnavailable cannot both be 0: the rollout could never progress"
+                        .to_string()
+                });
+                Some(Rollout::Rolling {
+                    max_surge,
+                    max_unavailable,
+                })
             });
         }
         let n = m.raw("canary")?;
@@ -487,10 +633,15 @@ impl Decode for Rollout {
             let steps: Option<Vec<CanaryStep>> = c.req(cx, "steps");
             if let Some(steps) = &steps {
                 let increasing = steps.windows(2).all(|w| w[0].weight < w[1].weight);
-                c.check(cx, "steps", !steps.is_empty() && increasing, || "steps need at least one entry, with increasing weights".to_string());
+                c.check(cx, "steps", !steps.is_empty() && increasing, || {
+                    "steps need at least one entry, with increasing weights".to_string()
+                });
             }
             let analysis = c.req(cx, "analysis");
-            Some(Rollout::Canary { steps: steps?, analysis: analysis? })
+            Some(Rollout::Canary {
+                steps: steps?,
+                analysis: analysis?,
+            })
         })
     }
 }
@@ -499,18 +650,24 @@ impl Decode for IntOrPercent {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         if let Value::Scalar { text, quoted } = &node.value {
             if let Some(p) = text.strip_suffix('%') {
-                if let Ok(p) = p.parse::<u32>() {
-                    if p <= 100 {
-                        return Some(IntOrPercent::Percent(p));
-                    }
+                if let Ok(p) = p.parse::<u32>()
+                    && p <= 100
+                {
+                    return Some(IntOrPercent::Percent(p));
                 }
-            } else if let (false, Plain::Int(i)) = (*quoted, plain_scalar(text)) {
-                if let Ok(n) = u32::try_from(i) {
-                    return Some(IntOrPercent::Int(n));
-                }
+            } else if let (false, Plain::Int(i)) = (*quoted, plain_scalar(text))
+                && let Ok(n) = u32::try_from(i)
+            {
+                return Some(IntOrPercent::Int(n));
             }
         }
-        cx.error(node.mark, format!("expected a count such as 2 or a percentage such as 25%, found {}", node.describe()));
+        cx.error(
+            node.mark,
+            format!(
+                "expected a count such as 2 or a percentage such as 25%, found {}",
+                node.describe()
+            ),
+        );
         None
     }
 }
@@ -518,24 +675,46 @@ impl Decode for IntOrPercent {
 impl Decode for CanaryStep {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(node, &["weight", "pause"])?;
-        let weight = m.raw("weight").map(|n| cx.at("weight", |cx| integer(n, cx, 1, 100)));
+        let weight = m
+            .raw("weight")
+            .map(|n| cx.at("weight", |cx| integer(n, cx, 1, 100)));
         if weight.is_none() {
             m.req::<u32>(cx, "weight");
         }
-        let pause = m.opt(cx, "pause").unwrap_or(Duration(std::time::Duration::from_secs(60)));
-        Some(CanaryStep { weight: weight.flatten()? as u32, pause })
+        let pause = m
+            .opt(cx, "pause")
+            .unwrap_or(Duration(std::time::Duration::from_secs(60)));
+        Some(CanaryStep {
+            weight: weight.flatten()? as u32,
+            pause,
+        })
     }
 }
 
 impl Decode for Analysis {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        let m = cx.fields(node, &["successRate", "p99Latency", "interval", "failureLimit"])?;
+        let m = cx.fields(
+            node,
+            &["successRate", "p99Latency", "interval", "failureLimit"],
+        )?;
         let success_rate: f64 = m.opt(cx, "successRate").unwrap_or(99.0);
-        m.check(cx, "successRate", (0.0..=100.0).contains(&success_rate), || "successRate is a percentage, 0-100".to_string());
+        m.check(
+            cx,
+            "successRate",
+            (0.0..=100.0).contains(&success_rate),
+            || "successRate is a percentage, 0-100".to_string(),
+        );
         let p99_latency = m.opt(cx, "p99Latency");
-        let interval = m.opt(cx, "interval").unwrap_or(Duration(std::time::Duration::from_secs(30)));
+        let interval = m
+            .opt(cx, "interval")
+            .unwrap_or(Duration(std::time::Duration::from_secs(30)));
         let failure_limit = m.opt(cx, "failureLimit").unwrap_or(1);
-        Some(Analysis { success_rate, p99_latency, interval, failure_limit })
+        Some(Analysis {
+            success_rate,
+            p99_latency,
+            interval,
+            failure_limit,
+        })
     }
 }
 
@@ -547,11 +726,20 @@ impl Decode for Autoscale {
         let metric = m.req(cx, "metric");
         let target: Option<f64> = m.req(cx, "target");
         if let Some(max) = max {
-            m.check(cx, "max", min >= 1 && min <= max, || format!("need 1 <= min <= max, found min {min}, max {max}"));
+            m.check(cx, "max", min >= 1 && min <= max, || {
+                format!("need 1 <= min <= max, found min {min}, max {max}")
+            });
         }
         if let Some(t) = target {
-            m.check(cx, "target", t > 0.0, || "target must be positive".to_string());
+            m.check(cx, "target", t > 0.0, || {
+                "target must be positive".to_string()
+            });
         }
-        Some(Autoscale { min, max: max?, metric: metric?, target: target? })
+        Some(Autoscale {
+            min,
+            max: max?,
+            metric: metric?,
+            target: target?,
+        })
     }
 }

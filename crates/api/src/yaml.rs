@@ -29,7 +29,10 @@ pub enum Value {
     /// `~`, `null`, or an empty value.
     Null,
     /// A scalar's text; `quoted` scalars are always strings.
-    Scalar { text: String, quoted: bool },
+    Scalar {
+        text: String,
+        quoted: bool,
+    },
     Seq(Vec<Node>),
     /// Entries in source order; keys are scalars (others are rejected on read).
     Map(Vec<(Node, Node)>),
@@ -116,7 +119,9 @@ impl Node {
                     Plain::Str => serde_json::Value::String(text.clone()),
                 }
             }
-            Value::Seq(items) => serde_json::Value::Array(items.iter().map(Node::to_json).collect()),
+            Value::Seq(items) => {
+                serde_json::Value::Array(items.iter().map(Node::to_json).collect())
+            }
             Value::Map(entries) => serde_json::Value::Object(
                 entries
                     .iter()
@@ -145,21 +150,22 @@ pub fn plain_scalar(text: &str) -> Plain {
         "false" | "False" | "FALSE" => return Plain::Bool(false),
         _ => {}
     }
-    if let Some(hex) = text.strip_prefix("0x") {
-        if let Ok(i) = i64::from_str_radix(hex, 16) {
-            return Plain::Int(i);
-        }
+    if let Some(hex) = text.strip_prefix("0x")
+        && let Ok(i) = i64::from_str_radix(hex, 16)
+    {
+        return Plain::Int(i);
     }
-    if let Some(oct) = text.strip_prefix("0o") {
-        if let Ok(i) = i64::from_str_radix(oct, 8) {
-            return Plain::Int(i);
-        }
+    if let Some(oct) = text.strip_prefix("0o")
+        && let Ok(i) = i64::from_str_radix(oct, 8)
+    {
+        return Plain::Int(i);
     }
     let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
-    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(i) = text.parse::<i64>() {
-            return Plain::Int(i);
-        }
+    if !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(i) = text.parse::<i64>()
+    {
+        return Plain::Int(i);
     }
     let looks_numeric = digits
         .bytes()
@@ -168,10 +174,8 @@ pub fn plain_scalar(text: &str) -> Plain {
         && digits
             .bytes()
             .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'));
-    if looks_numeric {
-        if let Ok(f) = text.parse::<f64>() {
-            return Plain::Float(f);
-        }
+    if looks_numeric && let Ok(f) = text.parse::<f64>() {
+        return Plain::Float(f);
     }
     match digits {
         ".inf" | ".Inf" | ".INF" => {
@@ -422,7 +426,9 @@ mod tests {
         assert_eq!(docs.len(), 2);
         let b = docs[0].get("b").unwrap();
         assert_eq!(b.mark.line, 3);
-        let Value::Seq(items) = &b.value else { panic!() };
+        let Value::Seq(items) = &b.value else {
+            panic!()
+        };
         assert_eq!(items[1].mark, Mark { line: 4, col: 5 });
         assert_eq!(docs[1].get("c").unwrap().value, Value::Null);
     }
@@ -440,7 +446,10 @@ mod tests {
     fn rejects_deep_nesting_early() {
         // Flow style is also capped by the scanner's own recursion limit.
         let err = parse(&"[".repeat(100_000), Limits::default()).unwrap_err();
-        assert!(err.message.contains("deeper than 64") || err.message.contains("recursion limit"), "{err}");
+        assert!(
+            err.message.contains("deeper than 64") || err.message.contains("recursion limit"),
+            "{err}"
+        );
         let block: String = (0..200).map(|i| format!("{}k:\n", " ".repeat(i))).collect();
         let err = parse(&block, Limits::default()).unwrap_err();
         assert!(err.message.contains("deeper than 64"), "{err}");
@@ -459,7 +468,10 @@ mod tests {
         // The "billion laughs" shape: each level doubles the previous one.
         let mut src = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..30 {
-            src.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}]\n", p = i - 1));
+            src.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}]\n",
+                p = i - 1
+            ));
         }
         let err = parse(&src, Limits::default()).unwrap_err();
         assert!(err.message.contains("alias"), "{err}");

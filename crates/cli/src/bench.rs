@@ -44,13 +44,21 @@ fn policy_eval(args: &PolicyEvalArgs) -> anyhow::Result<u8> {
     // Pre-draw flows so the timed loop measures the engine, not the generator.
     let mut rng = Rng::new(args.seed ^ 0x5EED);
     let sample: Vec<_> = (0..65_536)
-        .map(|_| (s.workloads[rng.below(s.workloads.len())], s.workloads[rng.below(s.workloads.len())], s.ports[rng.below(s.ports.len())]))
+        .map(|_| {
+            (
+                s.workloads[rng.below(s.workloads.len())],
+                s.workloads[rng.below(s.workloads.len())],
+                s.ports[rng.below(s.ports.len())],
+            )
+        })
         .collect();
     let mut counts = [0u64; 3];
     let started = Instant::now();
     for i in 0..args.flows {
         let (from, to, port) = sample[i % sample.len()];
-        let v = s.engine.decide(black_box(from), black_box(to), port, Protocol::Tcp);
+        let v = s
+            .engine
+            .decide(black_box(from), black_box(to), port, Protocol::Tcp);
         counts[v.decision as usize] += 1;
     }
     let secs = started.elapsed().as_secs_f64();

@@ -5,10 +5,10 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use skiff_api::load_str;
 use skiff_api::net::Protocol;
 use skiff_api::policy::DefaultPolicy;
 use skiff_api::policytest::Endpoint;
-use skiff_api::load_str;
 use skiff_api::policytest::PolicyTestSpec;
 use skiff_netpol::model::Flow;
 use skiff_netpol::suite;
@@ -66,11 +66,13 @@ pub struct DiffArgs {
 }
 
 fn parse_protocol(s: &str) -> Result<Protocol, String> {
-    Protocol::parse(&s.to_ascii_uppercase()).ok_or_else(|| format!("expected one of {}", Protocol::ALL.join(", ")))
+    Protocol::parse(&s.to_ascii_uppercase())
+        .ok_or_else(|| format!("expected one of {}", Protocol::ALL.join(", ")))
 }
 
 fn parse_default(s: &str) -> Result<DefaultPolicy, String> {
-    DefaultPolicy::parse(s).ok_or_else(|| format!("expected one of {}", DefaultPolicy::ALL.join(", ")))
+    DefaultPolicy::parse(s)
+        .ok_or_else(|| format!("expected one of {}", DefaultPolicy::ALL.join(", ")))
 }
 
 pub fn run(cmd: &PolicyCommand) -> anyhow::Result<u8> {
@@ -102,7 +104,16 @@ fn test(args: &TestArgs) -> u8 {
         } else if !r.passed() {
             println!(
                 "FAIL {}:{}: {}: {} -> {} {}/{}: expected {}, got {}: {}",
-                r.file, r.line, r.test, r.from, r.to, r.port, r.protocol, r.expect, r.got.as_str(), r.reason
+                r.file,
+                r.line,
+                r.test,
+                r.from,
+                r.to,
+                r.port,
+                r.protocol,
+                r.expect,
+                r.got.as_str(),
+                r.reason
             );
         }
     }
@@ -112,7 +123,11 @@ fn test(args: &TestArgs) -> u8 {
         }
         println!("{} passed, {failed} failed", results.len() - failed);
     }
-    if failed > 0 || results.is_empty() { exit::FAILED } else { exit::OK }
+    if failed > 0 || results.is_empty() {
+        exit::FAILED
+    } else {
+        exit::OK
+    }
 }
 
 fn trace(args: &TraceArgs) -> anyhow::Result<u8> {
@@ -122,7 +137,9 @@ fn trace(args: &TraceArgs) -> anyhow::Result<u8> {
     let tests = suite::tests(&report.resources);
     let mut world = World::new();
     for (t, l) in &tests {
-        world.add_test(&t.spec).with_context(|| format!("{}:{}: PolicyTest {}", l.file, l.line, t.name()))?;
+        world
+            .add_test(&t.spec)
+            .with_context(|| format!("{}:{}: PolicyTest {}", l.file, l.line, t.name()))?;
     }
     let default = args.policy_default.unwrap_or_else(|| {
         tests
@@ -132,7 +149,12 @@ fn trace(args: &TraceArgs) -> anyhow::Result<u8> {
             .map_or(DefaultPolicy::IsolateSelected, |t| t.policy_default)
     });
     let engine = Engine::new(suite::policies(&report.resources), world, default);
-    let flow = Flow { from: args.from.clone(), to: args.to.clone(), port: args.port, protocol: args.protocol };
+    let flow = Flow {
+        from: args.from.clone(),
+        to: args.to.clone(),
+        port: args.port,
+        protocol: args.protocol,
+    };
     let (verdict, lines) = engine.trace(&flow)?;
     println!(
         "{} -> {} {}/{}: {} (cluster default {})",
@@ -170,9 +192,16 @@ fn diff(args: &DiffArgs) -> anyhow::Result<u8> {
     }
     // Workloads come from the PolicyTests of both sides, so a test added or
     // removed in the change still shows its flows.
-    let mut specs: Vec<&PolicyTestSpec> = suite::tests(&head.resources).into_iter().map(|(t, _)| &t.spec).collect();
+    let mut specs: Vec<&PolicyTestSpec> = suite::tests(&head.resources)
+        .into_iter()
+        .map(|(t, _)| &t.spec)
+        .collect();
     specs.extend(suite::tests(&base).into_iter().map(|(t, _)| &t.spec));
-    let changes = suite::diff(&specs, &suite::policies(&base), &suite::policies(&head.resources))?;
+    let changes = suite::diff(
+        &specs,
+        &suite::policies(&base),
+        &suite::policies(&head.resources),
+    )?;
     for c in &changes {
         if args.json {
             println!("{}", serde_json::to_string(c)?);
@@ -190,14 +219,21 @@ fn diff(args: &DiffArgs) -> anyhow::Result<u8> {
         }
     }
     if !args.json {
-        println!("{} flow(s) change decision between {} and the working tree", changes.len(), args.base);
+        println!(
+            "{} flow(s) change decision between {} and the working tree",
+            changes.len(),
+            args.base
+        );
     }
     Ok(exit::OK)
 }
 
 fn declares(test: &PolicyTestSpec, end: &Endpoint) -> bool {
     match end {
-        Endpoint::Workload { namespace, name } => test.workloads.iter().any(|w| &w.namespace == namespace && &w.name == name),
+        Endpoint::Workload { namespace, name } => test
+            .workloads
+            .iter()
+            .any(|w| &w.namespace == namespace && &w.name == name),
         Endpoint::Address(_) => true,
     }
 }
@@ -206,14 +242,39 @@ fn declares(test: &PolicyTestSpec, end: &Endpoint) -> bool {
 /// (display name, contents). A path that did not exist then yields nothing.
 fn files_at_revision(rev: &str, path: &Path) -> anyhow::Result<Vec<(String, String)>> {
     let abs = std::fs::canonicalize(path).with_context(|| format!("{}", path.display()))?;
-    let dir = if abs.is_dir() { abs.clone() } else { abs.parent().map(Path::to_path_buf).unwrap_or_default() };
+    let dir = if abs.is_dir() {
+        abs.clone()
+    } else {
+        abs.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
     let root = git(&dir, &["rev-parse", "--show-toplevel"])?;
     let root = PathBuf::from(root.trim());
-    let rel = abs.strip_prefix(std::fs::canonicalize(&root)?).unwrap_or(Path::new(""));
+    let rel = abs
+        .strip_prefix(std::fs::canonicalize(&root)?)
+        .unwrap_or(Path::new(""));
     let rel_str = rel.to_string_lossy().to_string();
-    git(&root, &["rev-parse", "--verify", "--quiet", &format!("{rev}^{{commit}}")])
-        .with_context(|| format!("`{rev}` is not a git revision in {}", root.display()))?;
-    let listing = git(&root, &["ls-tree", "-r", "-z", "--name-only", rev, "--", if rel_str.is_empty() { "." } else { &rel_str }])?;
+    git(
+        &root,
+        &[
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &format!("{rev}^{{commit}}"),
+        ],
+    )
+    .with_context(|| format!("`{rev}` is not a git revision in {}", root.display()))?;
+    let listing = git(
+        &root,
+        &[
+            "ls-tree",
+            "-r",
+            "-z",
+            "--name-only",
+            rev,
+            "--",
+            if rel_str.is_empty() { "." } else { &rel_str },
+        ],
+    )?;
     let mut out = Vec::new();
     for file in listing.split('\0').filter(|f| !f.is_empty()) {
         let explicit = file == rel_str;
@@ -228,9 +289,18 @@ fn files_at_revision(rev: &str, path: &Path) -> anyhow::Result<Vec<(String, Stri
 }
 
 fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("git").arg("-C").arg(dir).args(args).output().context("cannot run git")?;
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .context("cannot run git")?;
     if !out.status.success() {
-        bail!("git {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "git {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8(out.stdout)?)
 }

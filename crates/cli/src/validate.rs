@@ -17,7 +17,12 @@ pub fn run(args: &ValidateArgs) -> u8 {
     let Some(report) = load_or_report(&args.paths) else {
         return exit::FAILED;
     };
-    let files: std::collections::BTreeSet<&str> = report.resources.iter().map(|l| l.file.as_str()).collect();
-    println!("{} resource(s) in {} file(s) valid", report.resources.len(), files.len());
+    let files: std::collections::BTreeSet<&str> =
+        report.resources.iter().map(|l| l.file.as_str()).collect();
+    println!(
+        "{} resource(s) in {} file(s) valid",
+        report.resources.len(),
+        files.len()
+    );
     exit::OK
 }

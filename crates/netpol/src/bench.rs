@@ -67,7 +67,11 @@ pub fn synthetic(workloads: usize, policies: usize, seed: u64) -> Synthetic {
         let ports: Vec<NamedPort> = PORTS
             .iter()
             .enumerate()
-            .map(|(j, &p)| NamedPort { name: Some(format!("p{j}")), port: p, protocol: Protocol::Tcp })
+            .map(|(j, &p)| NamedPort {
+                name: Some(format!("p{j}")),
+                port: p,
+                protocol: Protocol::Tcp,
+            })
             .collect();
         let ip = std::net::Ipv4Addr::from(0xC613_0000u32 + i as u32).into();
         if let Ok(id) = world.add_workload(&ns, &format!("w{i}"), &labels, &ports, Some(ip)) {
@@ -75,7 +79,11 @@ pub fn synthetic(workloads: usize, policies: usize, seed: u64) -> Synthetic {
         }
     }
     for n in 0..namespaces {
-        let labels: Labels = [("env".to_string(), ["prod", "dev", "stage"][n % 3].to_string())].into();
+        let labels: Labels = [(
+            "env".to_string(),
+            ["prod", "dev", "stage"][n % 3].to_string(),
+        )]
+        .into();
         let _ = world.add_namespace(&format!("ns{n}"), &labels);
     }
     let mut rules = Vec::with_capacity(policies);
@@ -90,8 +98,14 @@ pub fn synthetic(workloads: usize, policies: usize, seed: u64) -> Synthetic {
             (0..1 + rng.below(3))
                 .map(|_| {
                     let peer = match rng.below(5) {
-                        0 => Peer::Select { namespaces: Namespaces::Matching(sel("env", "prod".to_string())), workloads: None },
-                        1 => Peer::Cidr { cidr: "198.19.0.0/16".parse().unwrap_or_else(|_| unreachable!()), except: Vec::new() },
+                        0 => Peer::Select {
+                            namespaces: Namespaces::Matching(sel("env", "prod".to_string())),
+                            workloads: None,
+                        },
+                        1 => Peer::Cidr {
+                            cidr: "198.19.0.0/16".parse().unwrap_or_else(|_| unreachable!()),
+                            except: Vec::new(),
+                        },
                         2 => Peer::Select {
                             namespaces: Namespaces::Same(ns.clone()),
                             workloads: Some(LabelSelector {
@@ -99,35 +113,80 @@ pub fn synthetic(workloads: usize, policies: usize, seed: u64) -> Synthetic {
                                 match_expressions: vec![Requirement {
                                     key: "team".to_string(),
                                     operator: Operator::In,
-                                    values: vec![format!("team{}", rng.below(20)), format!("team{}", rng.below(20))],
+                                    values: vec![
+                                        format!("team{}", rng.below(20)),
+                                        format!("team{}", rng.below(20)),
+                                    ],
                                 }],
                             }),
                         },
-                        _ => Peer::Select { namespaces: Namespaces::Same(ns.clone()), workloads: Some(sel("app", format!("app{}", rng.below(apps)))) },
+                        _ => Peer::Select {
+                            namespaces: Namespaces::Same(ns.clone()),
+                            workloads: Some(sel("app", format!("app{}", rng.below(apps)))),
+                        },
                     };
                     let port = match rng.below(3) {
-                        0 => PolicyPort { protocol: Protocol::Tcp, port: Some(PortRef::Number(PORTS[rng.below(4)])), end_port: None },
-                        1 => PolicyPort { protocol: Protocol::Tcp, port: Some(PortRef::Name(format!("p{}", rng.below(4)))), end_port: None },
-                        _ => PolicyPort { protocol: Protocol::Tcp, port: Some(PortRef::Number(8000)), end_port: Some(9100) },
+                        0 => PolicyPort {
+                            protocol: Protocol::Tcp,
+                            port: Some(PortRef::Number(PORTS[rng.below(4)])),
+                            end_port: None,
+                        },
+                        1 => PolicyPort {
+                            protocol: Protocol::Tcp,
+                            port: Some(PortRef::Name(format!("p{}", rng.below(4)))),
+                            end_port: None,
+                        },
+                        _ => PolicyPort {
+                            protocol: Protocol::Tcp,
+                            port: Some(PortRef::Number(8000)),
+                            end_port: Some(9100),
+                        },
                     };
-                    Rule { peers: vec![peer], ports: vec![port], http: None }
+                    Rule {
+                        peers: vec![peer],
+                        ports: vec![port],
+                        http: None,
+                    }
                 })
                 .collect()
         };
         let ingress = Some(rule_set(&mut rng));
-        let egress = if rng.below(3) == 0 { Some(rule_set(&mut rng)) } else { None };
+        let egress = if rng.below(3) == 0 {
+            Some(rule_set(&mut rng))
+        } else {
+            None
+        };
         rules.push(PolicyRule {
-            id: PolicyRef { namespace: ns.clone(), name: format!("p{i}"), kind: if i % 2 == 0 { PolicyKind::Policy } else { PolicyKind::NetworkPolicy } },
-            mode: if rng.below(10) == 0 { Mode::Audit } else { Mode::Enforce },
+            id: PolicyRef {
+                namespace: ns.clone(),
+                name: format!("p{i}"),
+                kind: if i % 2 == 0 {
+                    PolicyKind::Policy
+                } else {
+                    PolicyKind::NetworkPolicy
+                },
+            },
+            mode: if rng.below(10) == 0 {
+                Mode::Audit
+            } else {
+                Mode::Enforce
+            },
             selector,
             ingress,
             egress,
         });
     }
     let engine = Engine::new(rules, world, DefaultPolicy::IsolateSelected);
-    Synthetic { engine, workloads: ids, ports: PORTS.to_vec() }
+    Synthetic {
+        engine,
+        workloads: ids,
+        ports: PORTS.to_vec(),
+    }
 }
 
 fn sel(key: &str, value: String) -> LabelSelector {
-    LabelSelector { match_labels: [(key.to_string(), value)].into(), match_expressions: Vec::new() }
+    LabelSelector {
+        match_labels: [(key.to_string(), value)].into(),
+        match_expressions: Vec::new(),
+    }
 }

@@ -17,7 +17,7 @@ use skiff_api::policy::{DefaultPolicy, Mode, PolicyPort};
 use skiff_api::policytest::Endpoint;
 
 use crate::model::{Direction, Flow, Namespaces, Peer, PolicyRule, Rule, port_text};
-use crate::world::{NamespaceId, Selector, World, WorkloadId};
+use crate::world::{NamespaceId, Selector, WorkloadId, World};
 
 /// Index of a policy in an [`Engine`] (policies are kept sorted by name).
 pub type PolicyId = u32;
@@ -49,10 +49,16 @@ pub enum Outcome {
     External,
     /// Not isolated in this direction: everything passes.
     Open,
-    Allowed { policy: PolicyId, rule: u32 },
+    Allowed {
+        policy: PolicyId,
+        rule: u32,
+    },
     /// Isolated and no rule allows. `first` is the first isolating policy
     /// (by name), `None` when isolation comes from the `deny-all` default.
-    Denied { first: Option<PolicyId>, count: u32 },
+    Denied {
+        first: Option<PolicyId>,
+        count: u32,
+    },
 }
 
 impl Outcome {
@@ -121,8 +127,14 @@ struct CRule {
 
 #[derive(Debug, Clone)]
 enum CPeer {
-    Select { namespaces: CNamespaces, workloads: Option<Selector> },
-    Cidr { cidr: skiff_api::net::Cidr, except: Vec<skiff_api::net::Cidr> },
+    Select {
+        namespaces: CNamespaces,
+        workloads: Option<Selector>,
+    },
+    Cidr {
+        cidr: skiff_api::net::Cidr,
+        except: Vec<skiff_api::net::Cidr>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -149,11 +161,18 @@ impl Engine {
             .map(|p| {
                 let namespace = world.namespace_by_name(&p.id.namespace);
                 let mut rules = |rules: &Option<Vec<Rule>>| {
-                    rules.as_ref().map(|rules| rules.iter().map(|r| compile_rule(r, &mut world)).collect())
+                    rules
+                        .as_ref()
+                        .map(|rules| rules.iter().map(|r| compile_rule(r, &mut world)).collect())
                 };
                 let ingress = rules(&p.ingress);
                 let egress = rules(&p.egress);
-                Compiled { source: p, namespace, ingress, egress }
+                Compiled {
+                    source: p,
+                    namespace,
+                    ingress,
+                    egress,
+                }
             })
             .collect();
         let mut selecting = vec![[Vec::new(), Vec::new()]; world.workload_count()];
@@ -161,14 +180,22 @@ impl Engine {
             let Some(ns) = p.namespace else { continue };
             let sel = world.compile(&p.source.selector);
             for w in selected(&world, ns, &sel) {
-                for (dir, rules) in [(Direction::Ingress, &p.ingress), (Direction::Egress, &p.egress)] {
+                for (dir, rules) in [
+                    (Direction::Ingress, &p.ingress),
+                    (Direction::Egress, &p.egress),
+                ] {
                     if rules.is_some() {
                         selecting[w as usize][dir_index(dir)].push(pid as PolicyId);
                     }
                 }
             }
         }
-        Engine { default, world, policies: compiled, selecting }
+        Engine {
+            default,
+            world,
+            policies: compiled,
+            selecting,
+        }
     }
 
     pub fn world(&self) -> &World {
@@ -206,11 +233,17 @@ impl Engine {
     pub fn decide(&self, from: Resolved, to: Resolved, port: u16, protocol: Protocol) -> Verdict {
         let egress = match from {
             Resolved::Workload(w) => self.side(Direction::Egress, w, to, to, port, protocol),
-            Resolved::Address(_) => Side { enforced: Outcome::External, audit_denied: None },
+            Resolved::Address(_) => Side {
+                enforced: Outcome::External,
+                audit_denied: None,
+            },
         };
         let ingress = match to {
             Resolved::Workload(w) => self.side(Direction::Ingress, w, from, to, port, protocol),
-            Resolved::Address(_) => Side { enforced: Outcome::External, audit_denied: None },
+            Resolved::Address(_) => Side {
+                enforced: Outcome::External,
+                audit_denied: None,
+            },
         };
         let decision = if !egress.enforced.passes() || !ingress.enforced.passes() {
             Decision::Deny
@@ -219,18 +252,34 @@ impl Engine {
         } else {
             Decision::Allow
         };
-        Verdict { decision, egress, ingress }
+        Verdict {
+            decision,
+            egress,
+            ingress,
+        }
     }
 
     /// One side: `subject` is the workload whose policies apply, `peer` the
     /// other end, `dest` the receiver (named ports resolve against it).
-    fn side(&self, dir: Direction, subject: WorkloadId, peer: Resolved, dest: Resolved, port: u16, proto: Protocol) -> Side {
+    fn side(
+        &self,
+        dir: Direction,
+        subject: WorkloadId,
+        peer: Resolved,
+        dest: Resolved,
+        port: u16,
+        proto: Protocol,
+    ) -> Side {
         let deny_all = self.default == DefaultPolicy::DenyAll;
         let mut enforce = Tally::default();
         let mut audit = Tally::default();
         for &pid in &self.selecting[subject as usize][dir_index(dir)] {
             let p = &self.policies[pid as usize];
-            let tally = if p.source.mode == Mode::Enforce { &mut enforce } else { &mut audit };
+            let tally = if p.source.mode == Mode::Enforce {
+                &mut enforce
+            } else {
+                &mut audit
+            };
             tally.isolating += 1;
             tally.first.get_or_insert(pid);
             if tally.allowed.is_none() {
@@ -238,7 +287,11 @@ impl Engine {
                     Direction::Ingress => p.ingress.as_deref(),
                     Direction::Egress => p.egress.as_deref(),
                 };
-                if let Some(i) = rules.unwrap_or_default().iter().position(|r| self.rule_matches(r, peer, dest, port, proto)) {
+                if let Some(i) = rules
+                    .unwrap_or_default()
+                    .iter()
+                    .position(|r| self.rule_matches(r, peer, dest, port, proto))
+                {
                     tally.allowed = Some((pid, i as u32));
                 }
             }
@@ -255,28 +308,53 @@ impl Engine {
             };
             all.allowed = enforce.allowed.or(audit.allowed);
             let with_audit = all.outcome(deny_all);
-            (!with_audit.passes()).then_some(Outcome::Denied { first: audit.first, count: audit.isolating })
+            (!with_audit.passes()).then_some(Outcome::Denied {
+                first: audit.first,
+                count: audit.isolating,
+            })
         } else {
             None
         };
-        Side { enforced, audit_denied }
+        Side {
+            enforced,
+            audit_denied,
+        }
     }
 
-    fn rule_matches(&self, rule: &CRule, peer: Resolved, dest: Resolved, port: u16, proto: Protocol) -> bool {
+    fn rule_matches(
+        &self,
+        rule: &CRule,
+        peer: Resolved,
+        dest: Resolved,
+        port: u16,
+        proto: Protocol,
+    ) -> bool {
         (rule.peers.is_empty() || rule.peers.iter().any(|p| self.peer_matches(p, peer)))
-            && (rule.ports.is_empty() || rule.ports.iter().any(|p| self.port_matches(p, dest, port, proto)))
+            && (rule.ports.is_empty()
+                || rule
+                    .ports
+                    .iter()
+                    .any(|p| self.port_matches(p, dest, port, proto)))
     }
 
     fn peer_matches(&self, peer: &CPeer, end: Resolved) -> bool {
         match peer {
-            CPeer::Select { namespaces, workloads } => {
-                let Resolved::Workload(w) = end else { return false };
+            CPeer::Select {
+                namespaces,
+                workloads,
+            } => {
+                let Resolved::Workload(w) = end else {
+                    return false;
+                };
                 let ns = self.world.workload(w).namespace;
                 let ns_ok = match namespaces {
                     CNamespaces::Same(id) => *id == Some(ns),
                     CNamespaces::Matching(sel) => sel.matches(self.world.namespace_labels(ns)),
                 };
-                ns_ok && workloads.as_ref().is_none_or(|sel| sel.matches(self.world.workload_labels(w)))
+                ns_ok
+                    && workloads
+                        .as_ref()
+                        .is_none_or(|sel| sel.matches(self.world.workload_labels(w)))
             }
             CPeer::Cidr { cidr, except } => {
                 let ip = match end {
@@ -300,12 +378,9 @@ impl Engine {
             },
             // Named ports resolve against the receiving workload's ports.
             Some(PortRef::Name(name)) => match dest {
-                Resolved::Workload(w) => self
-                    .world
-                    .workload(w)
-                    .ports
-                    .iter()
-                    .any(|wp| wp.name.as_deref() == Some(name) && wp.port == port && wp.protocol == proto),
+                Resolved::Workload(w) => self.world.workload(w).ports.iter().any(|wp| {
+                    wp.name.as_deref() == Some(name) && wp.port == port && wp.protocol == proto
+                }),
                 Resolved::Address(_) => false,
             },
         }
@@ -333,10 +408,19 @@ impl Engine {
             }
             Decision::AuditDenied => {
                 let mut parts = Vec::new();
-                for (dir, end, side) in [(Direction::Egress, &flow.from, v.egress), (Direction::Ingress, &flow.to, v.ingress)] {
+                for (dir, end, side) in [
+                    (Direction::Egress, &flow.from, v.egress),
+                    (Direction::Ingress, &flow.to, v.ingress),
+                ] {
                     if let Some(Outcome::Denied { first, count }) = side.audit_denied {
-                        let by = first.map(|p| self.policy(p).id.to_string()).unwrap_or_default();
-                        let more = if count > 1 { format!(" (and {} more)", count - 1) } else { String::new() };
+                        let by = first
+                            .map(|p| self.policy(p).id.to_string())
+                            .unwrap_or_default();
+                        let more = if count > 1 {
+                            format!(" (and {} more)", count - 1)
+                        } else {
+                            String::new()
+                        };
                         parts.push(format!("{dir} of {end}: audit-mode {by}{more} would deny it; passes because audit mode only reports"));
                     }
                 }
@@ -352,18 +436,38 @@ impl Engine {
             Outcome::Open => format!("{dir} of {end}: not isolated (no {dir} policy selects it)"),
             Outcome::Allowed { policy, rule } => {
                 let p = self.policy(policy);
-                let l7 = match p.rules(dir).and_then(|r| r.get(rule as usize)).and_then(|r| r.http.as_ref()) {
-                    Some(h) => format!(" (L7 limits for the proxy: methods [{}], paths [{}])", h.methods.join(","), h.paths.join(",")),
+                let l7 = match p
+                    .rules(dir)
+                    .and_then(|r| r.get(rule as usize))
+                    .and_then(|r| r.http.as_ref())
+                {
+                    Some(h) => format!(
+                        " (L7 limits for the proxy: methods [{}], paths [{}])",
+                        h.methods.join(","),
+                        h.paths.join(",")
+                    ),
                     None => String::new(),
                 };
                 format!("{dir} of {end}: allowed by {} rule {dir}[{rule}]{l7}", p.id)
             }
             Outcome::Denied { first: None, .. } => {
-                format!("{dir} of {end}: isolated by the cluster default deny-all and no policy allows it")
+                format!(
+                    "{dir} of {end}: isolated by the cluster default deny-all and no policy allows it"
+                )
             }
-            Outcome::Denied { first: Some(p), count } => {
-                let more = if count > 1 { format!(" and {} more", count - 1) } else { String::new() };
-                format!("{dir} of {end}: isolated by {}{more}; no rule allows it", self.policy(p).id)
+            Outcome::Denied {
+                first: Some(p),
+                count,
+            } => {
+                let more = if count > 1 {
+                    format!(" and {} more", count - 1)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{dir} of {end}: isolated by {}{more}; no rule allows it",
+                    self.policy(p).id
+                )
             }
         }
     }
@@ -379,14 +483,22 @@ impl Engine {
             (Direction::Egress, from, &flow.from, to),
             (Direction::Ingress, to, &flow.to, from),
         ] {
-            let side = if dir == Direction::Egress { v.egress } else { v.ingress };
+            let side = if dir == Direction::Egress {
+                v.egress
+            } else {
+                v.ingress
+            };
             lines.push(self.side_text(dir, end, side.enforced));
-            let Resolved::Workload(w) = subject else { continue };
+            let Resolved::Workload(w) = subject else {
+                continue;
+            };
             let pids: Vec<PolicyId> = self.selecting(w, dir).collect();
             if pids.is_empty() {
                 let why = match self.default {
                     DefaultPolicy::DenyAll => "cluster default deny-all isolates every workload",
-                    DefaultPolicy::IsolateSelected => "cluster default isolate-selected leaves it open",
+                    DefaultPolicy::IsolateSelected => {
+                        "cluster default isolate-selected leaves it open"
+                    }
                 };
                 lines.push(format!("  no policy selects {end} for {dir}; {why}"));
             }
@@ -409,22 +521,59 @@ impl Engine {
                 }
                 for (i, rule) in rules.iter().enumerate() {
                     let src = &p.source.rules(dir).unwrap_or_default()[i];
-                    let peer_ok = rule.peers.is_empty() || rule.peers.iter().any(|x| self.peer_matches(x, peer));
-                    let port_ok = rule.ports.is_empty() || rule.ports.iter().any(|x| self.port_matches(x, to, flow.port, flow.protocol));
-                    let peers = if src.peers.is_empty() { "any peer".to_string() } else { src.peers.iter().map(peer_text).collect::<Vec<_>>().join(" | ") };
-                    let ports = if src.ports.is_empty() { "any port".to_string() } else { src.ports.iter().map(port_text).collect::<Vec<_>>().join(", ") };
+                    let peer_ok = rule.peers.is_empty()
+                        || rule.peers.iter().any(|x| self.peer_matches(x, peer));
+                    let port_ok = rule.ports.is_empty()
+                        || rule
+                            .ports
+                            .iter()
+                            .any(|x| self.port_matches(x, to, flow.port, flow.protocol));
+                    let peers = if src.peers.is_empty() {
+                        "any peer".to_string()
+                    } else {
+                        src.peers
+                            .iter()
+                            .map(peer_text)
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    };
+                    let ports = if src.ports.is_empty() {
+                        "any port".to_string()
+                    } else {
+                        src.ports
+                            .iter()
+                            .map(port_text)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
                     let verdict = match (peer_ok, port_ok) {
                         (true, true) => "matches".to_string(),
-                        (false, true) => format!("peer {} not in [{peers}]", if dir == Direction::Egress { &flow.to } else { &flow.from }),
-                        (true, false) => format!("port {}/{} not in [{ports}]", flow.port, flow.protocol),
+                        (false, true) => format!(
+                            "peer {} not in [{peers}]",
+                            if dir == Direction::Egress {
+                                &flow.to
+                            } else {
+                                &flow.from
+                            }
+                        ),
+                        (true, false) => {
+                            format!("port {}/{} not in [{ports}]", flow.port, flow.protocol)
+                        }
                         (false, false) => "neither peer nor port matches".to_string(),
                     };
-                    lines.push(format!("    {dir}[{i}] peers [{peers}] ports [{ports}]: {verdict}"));
+                    lines.push(format!(
+                        "    {dir}[{i}] peers [{peers}] ports [{ports}]: {verdict}"
+                    ));
                 }
             }
         }
-        if let Some(Outcome::Denied { first: Some(p), .. }) = v.egress.audit_denied.or(v.ingress.audit_denied) {
-            lines.push(format!("audit: {} would deny this flow if enforced", self.policy(p).id));
+        if let Some(Outcome::Denied { first: Some(p), .. }) =
+            v.egress.audit_denied.or(v.ingress.audit_denied)
+        {
+            lines.push(format!(
+                "audit: {} would deny this flow if enforced",
+                self.policy(p).id
+            ));
         }
         Ok((v, lines))
     }
@@ -435,9 +584,16 @@ fn peer_text(p: &Peer) -> String {
         Peer::Cidr { cidr, except } if except.is_empty() => format!("cidr {cidr}"),
         Peer::Cidr { cidr, except } => format!(
             "cidr {cidr} except {}",
-            except.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+            except
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         ),
-        Peer::Select { namespaces, workloads } => {
+        Peer::Select {
+            namespaces,
+            workloads,
+        } => {
             let ns = match namespaces {
                 Namespaces::Same(ns) => format!("namespace {ns}"),
                 Namespaces::Matching(sel) => format!("namespaces {sel}"),
@@ -462,8 +618,14 @@ impl Tally {
     fn outcome(self, deny_all: bool) -> Outcome {
         match self.allowed {
             Some((policy, rule)) => Outcome::Allowed { policy, rule },
-            None if self.isolating > 0 => Outcome::Denied { first: self.first, count: self.isolating },
-            None if deny_all => Outcome::Denied { first: None, count: 0 },
+            None if self.isolating > 0 => Outcome::Denied {
+                first: self.first,
+                count: self.isolating,
+            },
+            None if deny_all => Outcome::Denied {
+                first: None,
+                count: 0,
+            },
             None => Outcome::Open,
         }
     }
@@ -475,8 +637,14 @@ fn compile_rule(rule: &Rule, world: &mut World) -> CRule {
             .peers
             .iter()
             .map(|p| match p {
-                Peer::Cidr { cidr, except } => CPeer::Cidr { cidr: *cidr, except: except.clone() },
-                Peer::Select { namespaces, workloads } => CPeer::Select {
+                Peer::Cidr { cidr, except } => CPeer::Cidr {
+                    cidr: *cidr,
+                    except: except.clone(),
+                },
+                Peer::Select {
+                    namespaces,
+                    workloads,
+                } => CPeer::Select {
                     namespaces: match namespaces {
                         Namespaces::Same(ns) => CNamespaces::Same(world.namespace_by_name(ns)),
                         Namespaces::Matching(sel) => CNamespaces::Matching(world.compile(sel)),
@@ -493,9 +661,18 @@ fn compile_rule(rule: &Rule, world: &mut World) -> CRule {
 /// of its `matchLabels` terms, so a selective policy never scans its
 /// whole namespace.
 fn selected(world: &World, ns: NamespaceId, sel: &Selector) -> Vec<WorkloadId> {
-    let narrowest = sel.labels.0.iter().map(|&(k, v)| world.members_with(ns, k, v)).min_by_key(|m| m.len());
+    let narrowest = sel
+        .labels
+        .0
+        .iter()
+        .map(|&(k, v)| world.members_with(ns, k, v))
+        .min_by_key(|m| m.len());
     match narrowest {
-        Some(members) => members.iter().copied().filter(|&w| sel.matches(world.workload_labels(w))).collect(),
+        Some(members) => members
+            .iter()
+            .copied()
+            .filter(|&w| sel.matches(world.workload_labels(w)))
+            .collect(),
         None => world
             .namespace(ns)
             .members

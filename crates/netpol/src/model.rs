@@ -4,7 +4,9 @@
 use std::fmt;
 
 use skiff_api::net::{Cidr, PortRef, Protocol};
-use skiff_api::policy::{HttpRule, Mode, NetworkPolicySpec, Peer as NativePeer, PolicyPort, PolicySpec};
+use skiff_api::policy::{
+    HttpRule, Mode, NetworkPolicySpec, Peer as NativePeer, PolicyPort, PolicySpec,
+};
 use skiff_api::selector::LabelSelector;
 use skiff_api::{Object, Resource};
 
@@ -72,8 +74,14 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Peer {
     /// Workloads matching `workloads` (all if `None`) in `namespaces`.
-    Select { namespaces: Namespaces, workloads: Option<LabelSelector> },
-    Cidr { cidr: Cidr, except: Vec<Cidr> },
+    Select {
+        namespaces: Namespaces,
+        workloads: Option<LabelSelector>,
+    },
+    Cidr {
+        cidr: Cidr,
+        except: Vec<Cidr>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,14 +107,22 @@ impl PolicyRule {
             rules
                 .iter()
                 .map(|r| Rule {
-                    peers: r.peers().iter().map(|peer| native_peer(peer, &ns)).collect(),
+                    peers: r
+                        .peers()
+                        .iter()
+                        .map(|peer| native_peer(peer, &ns))
+                        .collect(),
                     ports: r.ports.clone(),
                     http: r.http.clone(),
                 })
                 .collect()
         };
         PolicyRule {
-            id: PolicyRef { namespace: ns.clone(), name: p.name().to_string(), kind: PolicyKind::Policy },
+            id: PolicyRef {
+                namespace: ns.clone(),
+                name: p.name().to_string(),
+                kind: PolicyKind::Policy,
+            },
             mode: p.spec.mode,
             selector: p.spec.selector.clone(),
             ingress: p.spec.ingress.as_ref().map(rules),
@@ -128,7 +144,10 @@ impl PolicyRule {
                         .peers()
                         .iter()
                         .map(|peer| match &peer.ip_block {
-                            Some(b) => Peer::Cidr { cidr: b.cidr, except: b.except.clone() },
+                            Some(b) => Peer::Cidr {
+                                cidr: b.cidr,
+                                except: b.except.clone(),
+                            },
                             None => Peer::Select {
                                 namespaces: match &peer.namespace_selector {
                                     Some(sel) => Namespaces::Matching(sel.clone()),
@@ -144,7 +163,11 @@ impl PolicyRule {
                 .collect()
         };
         PolicyRule {
-            id: PolicyRef { namespace: ns.clone(), name: p.name().to_string(), kind: PolicyKind::NetworkPolicy },
+            id: PolicyRef {
+                namespace: ns.clone(),
+                name: p.name().to_string(),
+                kind: PolicyKind::NetworkPolicy,
+            },
             mode: Mode::Enforce,
             selector: p.spec.pod_selector.clone(),
             ingress: ingress.then(|| rules(&p.spec.ingress)),
@@ -162,8 +185,14 @@ impl PolicyRule {
 
 fn native_peer(peer: &NativePeer, ns: &str) -> Peer {
     match peer {
-        NativePeer::Cidr { cidr, except } => Peer::Cidr { cidr: *cidr, except: except.clone() },
-        NativePeer::Workloads { workloads, namespaces } => Peer::Select {
+        NativePeer::Cidr { cidr, except } => Peer::Cidr {
+            cidr: *cidr,
+            except: except.clone(),
+        },
+        NativePeer::Workloads {
+            workloads,
+            namespaces,
+        } => Peer::Select {
             namespaces: match namespaces {
                 Some(sel) => Namespaces::Matching(sel.clone()),
                 None => Namespaces::Same(ns.to_string()),

@@ -34,14 +34,19 @@ impl CaseResult {
     pub fn passed(&self) -> bool {
         matches!(
             (self.expect, self.got),
-            (Expect::Allow, Decision::Allow) | (Expect::Deny, Decision::Deny) | (Expect::AuditDenied, Decision::AuditDenied)
+            (Expect::Allow, Decision::Allow)
+                | (Expect::Deny, Decision::Deny)
+                | (Expect::AuditDenied, Decision::AuditDenied)
         )
     }
 }
 
 /// Every Policy and NetworkPolicy among `resources`, translated.
 pub fn policies(resources: &[Loaded]) -> Vec<PolicyRule> {
-    resources.iter().filter_map(|l| PolicyRule::from_resource(&l.resource)).collect()
+    resources
+        .iter()
+        .filter_map(|l| PolicyRule::from_resource(&l.resource))
+        .collect()
 }
 
 /// Every PolicyTest among `resources`, with the file it came from.
@@ -64,7 +69,12 @@ pub fn engine_for(test: &PolicyTestSpec, policies: &[PolicyRule]) -> Result<Engi
 }
 
 fn flow_of(case: &TestCase) -> Flow {
-    Flow { from: case.from.clone(), to: case.to.clone(), port: case.port, protocol: case.protocol }
+    Flow {
+        from: case.from.clone(),
+        to: case.to.clone(),
+        port: case.port,
+        protocol: case.protocol,
+    }
 }
 
 /// Runs every case of every PolicyTest in `resources` against every policy there.
@@ -72,10 +82,19 @@ pub fn run(resources: &[Loaded]) -> Result<Vec<CaseResult>, String> {
     let policies = policies(resources);
     let mut results = Vec::new();
     for (test, loaded) in tests(resources) {
-        let engine = engine_for(&test.spec, &policies).map_err(|e| format!("{}:{}: PolicyTest {}: {e}", loaded.file, loaded.line, test.name()))?;
+        let engine = engine_for(&test.spec, &policies).map_err(|e| {
+            format!(
+                "{}:{}: PolicyTest {}: {e}",
+                loaded.file,
+                loaded.line,
+                test.name()
+            )
+        })?;
         for case in &test.spec.cases {
             let flow = flow_of(case);
-            let verdict = engine.evaluate(&flow).map_err(|e| format!("{}:{}: {e}", loaded.file, case.line))?;
+            let verdict = engine
+                .evaluate(&flow)
+                .map_err(|e| format!("{}:{}: {e}", loaded.file, case.line))?;
             results.push(CaseResult {
                 test: test.name().to_string(),
                 from: case.from.clone(),
@@ -109,7 +128,11 @@ pub struct Change {
 
 /// Flows between the workloads of each PolicyTest (to every declared
 /// port of the receiver) whose decision changes from `base` to `head`.
-pub fn diff(tests: &[&PolicyTestSpec], base: &[PolicyRule], head: &[PolicyRule]) -> Result<Vec<Change>, WorldError> {
+pub fn diff(
+    tests: &[&PolicyTestSpec],
+    base: &[PolicyRule],
+    head: &[PolicyRule],
+) -> Result<Vec<Change>, WorldError> {
     let mut seen: BTreeSet<(String, String, u16, String, &'static str)> = BTreeSet::new();
     let mut changes = Vec::new();
     for test in tests {
@@ -119,16 +142,30 @@ pub fn diff(tests: &[&PolicyTestSpec], base: &[PolicyRule], head: &[PolicyRule])
             for to in &test.workloads {
                 for port in &to.ports {
                     let flow = Flow {
-                        from: Endpoint::Workload { namespace: from.namespace.clone(), name: from.name.clone() },
-                        to: Endpoint::Workload { namespace: to.namespace.clone(), name: to.name.clone() },
+                        from: Endpoint::Workload {
+                            namespace: from.namespace.clone(),
+                            name: from.name.clone(),
+                        },
+                        to: Endpoint::Workload {
+                            namespace: to.namespace.clone(),
+                            name: to.name.clone(),
+                        },
                         port: port.port,
                         protocol: port.protocol,
                     };
-                    let key = (flow.from.to_string(), flow.to.to_string(), flow.port, flow.protocol.to_string(), default_name(test.policy_default));
+                    let key = (
+                        flow.from.to_string(),
+                        flow.to.to_string(),
+                        flow.port,
+                        flow.protocol.to_string(),
+                        default_name(test.policy_default),
+                    );
                     if !seen.insert(key) {
                         continue;
                     }
-                    let (Ok(b), Ok(a)) = (before.evaluate(&flow), after.evaluate(&flow)) else { continue };
+                    let (Ok(b), Ok(a)) = (before.evaluate(&flow), after.evaluate(&flow)) else {
+                        continue;
+                    };
                     if a.decision != b.decision {
                         changes.push(Change {
                             reason: after.reason(&flow, &a),

@@ -66,12 +66,18 @@ impl World {
 
     /// Adds or extends a namespace. Every namespace carries
     /// `kubernetes.io/metadata.name: <name>`, as in Kubernetes.
-    pub fn add_namespace(&mut self, name: &str, labels: &Labels) -> Result<NamespaceId, WorldError> {
+    pub fn add_namespace(
+        &mut self,
+        name: &str,
+        labels: &Labels,
+    ) -> Result<NamespaceId, WorldError> {
         let id = self.namespace_id(name);
         let ns = &mut self.namespaces[id as usize];
         for (k, v) in labels {
             match ns.labels.get(k) {
-                Some(old) if old != v => return Err(WorldError::Conflict(format!("namespace {name} label {k}"))),
+                Some(old) if old != v => {
+                    return Err(WorldError::Conflict(format!("namespace {name} label {k}")));
+                }
                 _ => {
                     ns.labels.insert(k.clone(), v.clone());
                 }
@@ -89,7 +95,12 @@ impl World {
         let id = self.namespaces.len() as NamespaceId;
         let labels: Labels = [(NAMESPACE_NAME_LABEL.to_string(), name.to_string())].into();
         let interned = self.interner.labels(&labels);
-        self.namespaces.push(NamespaceInfo { name: name.to_string(), labels, interned, members: Vec::new() });
+        self.namespaces.push(NamespaceInfo {
+            name: name.to_string(),
+            labels,
+            interned,
+            members: Vec::new(),
+        });
         self.ns_by_name.insert(name.to_string(), id);
         id
     }
@@ -154,7 +165,9 @@ impl World {
     }
 
     pub fn lookup(&self, namespace: &str, name: &str) -> Option<WorkloadId> {
-        self.by_name.get(&(namespace.to_string(), name.to_string())).copied()
+        self.by_name
+            .get(&(namespace.to_string(), name.to_string()))
+            .copied()
     }
 
     pub fn workload_count(&self) -> usize {
@@ -196,7 +209,9 @@ impl World {
 
     /// Workloads of `ns` labelled `key=value`, from the index.
     pub(crate) fn members_with(&self, ns: NamespaceId, key: u32, value: u32) -> &[WorkloadId] {
-        self.postings.get(&(ns, key, value)).map_or(&[], Vec::as_slice)
+        self.postings
+            .get(&(ns, key, value))
+            .map_or(&[], Vec::as_slice)
     }
 }
 
@@ -217,7 +232,10 @@ impl Interner {
     }
 
     fn labels(&mut self, labels: &Labels) -> ILabels {
-        let mut pairs: Vec<(u32, u32)> = labels.iter().map(|(k, v)| (self.id(k), self.id(v))).collect();
+        let mut pairs: Vec<(u32, u32)> = labels
+            .iter()
+            .map(|(k, v)| (self.id(k), self.id(v)))
+            .collect();
         pairs.sort_unstable();
         ILabels(pairs)
     }

@@ -8,11 +8,17 @@
 //! test names its source. As in the e2e suite, a pod talking to itself is
 //! not judged (loopback semantics differ between implementations).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails loudly on unexpected errors"
+)]
+
+use skiff_api::load_str;
 use skiff_api::meta::Labels;
 use skiff_api::net::Protocol;
 use skiff_api::policy::DefaultPolicy;
 use skiff_api::policytest::{Endpoint, NamedPort};
-use skiff_api::load_str;
 use skiff_netpol::suite::policies;
 use skiff_netpol::{Decision, Engine, Flow, World};
 
@@ -28,7 +34,9 @@ fn model(yaml: &str) -> Engine {
     let loaded = load_str("case.yaml", yaml).unwrap_or_else(|e| panic!("{e:?}"));
     let mut world = World::new();
     for (n, ns) in NAMESPACES.iter().enumerate() {
-        world.add_namespace(ns, &[("ns".to_string(), ns.to_string())].into()).unwrap();
+        world
+            .add_namespace(ns, &[("ns".to_string(), ns.to_string())].into())
+            .unwrap();
         for (p, pod) in PODS.iter().enumerate() {
             let labels: Labels = [("pod".to_string(), pod.to_string())].into();
             let ports: Vec<NamedPort> = [80, 81]
@@ -41,7 +49,9 @@ fn model(yaml: &str) -> Engine {
                     })
                 })
                 .collect();
-            world.add_workload(ns, pod, &labels, &ports, Some(ip_of(n, p))).unwrap();
+            world
+                .add_workload(ns, pod, &labels, &ports, Some(ip_of(n, p)))
+                .unwrap();
         }
     }
     Engine::new(policies(&loaded), world, DefaultPolicy::IsolateSelected)
@@ -68,13 +78,22 @@ fn check(engine: &Engine, port: u16, protocol: Protocol, expect: impl Fn(&str, &
                     let v = engine.evaluate(&flow).unwrap();
                     let allowed = v.decision != Decision::Deny;
                     if allowed != expect(&from, &to) {
-                        wrong.push(format!("{from} -> {to} {port}/{protocol}: got {}: {}", v.decision.as_str(), engine.reason(&flow, &v)));
+                        wrong.push(format!(
+                            "{from} -> {to} {port}/{protocol}: got {}: {}",
+                            v.decision.as_str(),
+                            engine.reason(&flow, &v)
+                        ));
                     }
                 }
             }
         }
     }
-    assert!(wrong.is_empty(), "{} mismatches:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} mismatches:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
 }
 
 fn ns(pod: &str) -> &str {
@@ -84,15 +103,21 @@ fn ns(pod: &str) -> &str {
 // e2e: "should support a 'default-deny-ingress' policy"
 #[test]
 fn default_deny_ingress() {
-    let e = model("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-ingress, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n");
+    let e = model(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-ingress, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress]\n",
+    );
     check(&e, 80, Protocol::Tcp, |_, to| ns(to) != "x");
 }
 
 // e2e: "should support a 'default-deny-all' policy"
 #[test]
 fn default_deny_all() {
-    let e = model("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-all, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n");
-    check(&e, 80, Protocol::Tcp, |from, to| ns(to) != "x" && ns(from) != "x");
+    let e = model(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-all, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n",
+    );
+    check(&e, 80, Protocol::Tcp, |from, to| {
+        ns(to) != "x" && ns(from) != "x"
+    });
 }
 
 // e2e: "should enforce policy to allow traffic from pods within server namespace based on PodSelector"
@@ -101,7 +126,9 @@ fn pod_selector_is_namespace_local() {
     let e = model(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x-a-allows-x-b, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: b}}}]\n",
     );
-    check(&e, 80, Protocol::Tcp, |from, to| to != "x/a" || from == "x/b");
+    check(&e, 80, Protocol::Tcp, |from, to| {
+        to != "x/a" || from == "x/b"
+    });
 }
 
 // e2e: "should enforce policy to allow ingress traffic for a target"
@@ -130,7 +157,9 @@ fn namespace_selector_with_implicit_name_label() {
     let e = model(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-y, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]\n",
     );
-    check(&e, 80, Protocol::Tcp, |from, to| to != "x/a" || ns(from) == "y");
+    check(&e, 80, Protocol::Tcp, |from, to| {
+        to != "x/a" || ns(from) == "y"
+    });
 }
 
 // e2e: "should enforce policy based on PodSelector or NamespaceSelector" (peers are OR'ed)
@@ -139,7 +168,9 @@ fn peers_are_ored() {
     let e = model(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: NotIn, values: [x]}]}\n    - podSelector: {matchLabels: {pod: b}}\n",
     );
-    check(&e, 80, Protocol::Tcp, |from, to| to != "x/a" || ns(from) != "x" || from == "x/b");
+    check(&e, 80, Protocol::Tcp, |from, to| {
+        to != "x/a" || ns(from) != "x" || from == "x/b"
+    });
 }
 
 // e2e: "should enforce policy based on PodSelector and NamespaceSelector" (selectors in one peer are AND'ed)
@@ -148,7 +179,9 @@ fn selectors_in_one_peer_are_anded() {
     let e = model(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: NotIn, values: [x]}]}\n      podSelector: {matchLabels: {pod: b}}\n",
     );
-    check(&e, 80, Protocol::Tcp, |from, to| to != "x/a" || from == "y/b" || from == "z/b");
+    check(&e, 80, Protocol::Tcp, |from, to| {
+        to != "x/a" || from == "y/b" || from == "z/b"
+    });
 }
 
 // e2e: "should enforce policy based on Multiple PodSelectors and NamespaceSelectors"
@@ -157,7 +190,9 @@ fn match_expressions_in_both_selectors() {
     let e = model(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from:\n    - namespaceSelector: {matchExpressions: [{key: ns, operator: NotIn, values: [x]}]}\n      podSelector: {matchExpressions: [{key: pod, operator: In, values: [b, c]}]}\n",
     );
-    check(&e, 80, Protocol::Tcp, |from, to| to != "x/a" || (ns(from) != "x" && !from.ends_with("/a")));
+    check(&e, 80, Protocol::Tcp, |from, to| {
+        to != "x/a" || (ns(from) != "x" && !from.ends_with("/a"))
+    });
 }
 
 // e2e: "should enforce policy based on Ports" (only 81 allowed)
@@ -231,9 +266,13 @@ fn end_port_range_is_inclusive() {
 // docs: `ingress: [{}]` allows everything, `ingress: []` (with policyTypes) nothing.
 #[test]
 fn empty_rule_allows_all_but_empty_list_denies_all() {
-    let allow = model("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{}]\n");
+    let allow = model(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{}]\n",
+    );
     check(&allow, 80, Protocol::Tcp, |_, _| true);
-    let deny = model("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress: []\n");
+    let deny = model(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress: []\n",
+    );
     check(&deny, 80, Protocol::Tcp, |_, to| ns(to) != "x");
 }
 
@@ -245,7 +284,9 @@ fn policy_types_default_includes_ingress() {
     let e = model(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {ns: y}}}]\n",
     );
-    check(&e, 80, Protocol::Tcp, |from, to| to != "x/a" && (from != "x/a" || ns(to) == "y"));
+    check(&e, 80, Protocol::Tcp, |from, to| {
+        to != "x/a" && (from != "x/a" || ns(to) == "y")
+    });
 }
 
 // e2e: "should support denying of egress traffic on the client side (even if
@@ -264,7 +305,9 @@ fn stacked_policies_are_additive() {
     let e = model(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-b, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: b}}}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-c, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: c}}}]\n",
     );
-    check(&e, 80, Protocol::Tcp, |from, to| ns(to) != "x" || from == "x/b" && to == "x/a" || from == "x/c");
+    check(&e, 80, Protocol::Tcp, |from, to| {
+        ns(to) != "x" || from == "x/b" && to == "x/a" || from == "x/c"
+    });
 }
 
 // e2e: "should enforce except clause while egress access to server in CIDR block"
@@ -274,7 +317,9 @@ fn ip_block_except() {
     let e = model(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 198.19.2.0/24, except: [198.19.2.11/32]}}]\n",
     );
-    check(&e, 80, Protocol::Tcp, |from, to| from != "x/a" || (ns(to) == "y" && to != "y/b"));
+    check(&e, 80, Protocol::Tcp, |from, to| {
+        from != "x/a" || (ns(to) == "y" && to != "y/b")
+    });
 }
 
 // e2e: "should ensure an IP overlapping both IPBlock.CIDR and IPBlock.Except is allowed"
@@ -284,13 +329,17 @@ fn except_of_one_peer_does_not_veto_another() {
     let e = model(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock: {cidr: 198.19.2.0/24, except: [198.19.2.11/32]}\n    - ipBlock: {cidr: 198.19.2.11/32}\n",
     );
-    check(&e, 80, Protocol::Tcp, |from, to| from != "x/a" || ns(to) == "y");
+    check(&e, 80, Protocol::Tcp, |from, to| {
+        from != "x/a" || ns(to) == "y"
+    });
 }
 
 // docs: policies only select pods in their own namespace; y-to-y is untouched.
 #[test]
 fn policy_selects_only_its_namespace() {
-    let e = model("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: y}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: []\n");
+    let e = model(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: y}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress: []\n",
+    );
     check(&e, 80, Protocol::Tcp, |_, to| to != "y/a");
 }
 
@@ -306,7 +355,12 @@ fn native_policy_matches_network_policy() {
     for port in [80, 81, 82] {
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             check(&native, port, protocol, |from, to| {
-                let flow = Flow { from: from.parse().unwrap(), to: to.parse().unwrap(), port, protocol };
+                let flow = Flow {
+                    from: from.parse().unwrap(),
+                    to: to.parse().unwrap(),
+                    port,
+                    protocol,
+                };
                 k8s.evaluate(&flow).unwrap().decision != Decision::Deny
             });
         }
@@ -320,7 +374,12 @@ fn outside_addresses_match_only_ip_blocks() {
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{namespaceSelector: {}}, {ipBlock: {cidr: 192.0.2.0/24}}]\n",
     );
     let outside = |ip: &str, to: &str| {
-        let flow = Flow { from: Endpoint::Address(ip.parse().unwrap()), to: to.parse().unwrap(), port: 80, protocol: Protocol::Tcp };
+        let flow = Flow {
+            from: Endpoint::Address(ip.parse().unwrap()),
+            to: to.parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
         e.evaluate(&flow).unwrap().decision
     };
     assert_eq!(outside("192.0.2.1", "x/a"), Decision::Allow);

@@ -1,6 +1,12 @@
 //! Property tests: the indexed engine against a plain reference reading of
 //! the semantics, order independence, and the two cluster defaults.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails loudly on unexpected errors"
+)]
+
 use std::net::IpAddr;
 
 use proptest::prelude::*;
@@ -24,49 +30,91 @@ struct Workload {
 fn ns_labels(i: usize) -> Labels {
     [
         (NAMESPACE_NAME_LABEL.to_string(), NS[i].to_string()),
-        ("env".to_string(), if i == 0 { "prod" } else { "dev" }.to_string()),
+        (
+            "env".to_string(),
+            if i == 0 { "prod" } else { "dev" }.to_string(),
+        ),
     ]
     .into()
 }
 
 fn ports() -> Vec<NamedPort> {
     vec![
-        NamedPort { name: Some("http".into()), port: 80, protocol: Protocol::Tcp },
-        NamedPort { name: Some("dns".into()), port: 53, protocol: Protocol::Udp },
+        NamedPort {
+            name: Some("http".into()),
+            port: 80,
+            protocol: Protocol::Tcp,
+        },
+        NamedPort {
+            name: Some("dns".into()),
+            port: 53,
+            protocol: Protocol::Udp,
+        },
     ]
 }
 
 fn labels() -> impl Strategy<Value = Labels> {
-    prop::collection::btree_map(prop::sample::select(vec!["app", "tier"]), prop::sample::select(vec!["a", "b", "c"]), 0..=2)
-        .prop_map(|m| m.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    prop::collection::btree_map(
+        prop::sample::select(vec!["app", "tier"]),
+        prop::sample::select(vec!["a", "b", "c"]),
+        0..=2,
+    )
+    .prop_map(|m| {
+        m.into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    })
 }
 
 fn selector() -> impl Strategy<Value = LabelSelector> {
     let expr = (
         prop::sample::select(vec!["app", "tier", "env"]),
-        prop::sample::select(vec![Operator::In, Operator::NotIn, Operator::Exists, Operator::DoesNotExist]),
+        prop::sample::select(vec![
+            Operator::In,
+            Operator::NotIn,
+            Operator::Exists,
+            Operator::DoesNotExist,
+        ]),
         prop::collection::vec(prop::sample::select(vec!["a", "b", "prod"]), 1..=2),
     )
         .prop_map(|(key, operator, values)| Requirement {
             key: key.to_string(),
             operator,
-            values: if matches!(operator, Operator::In | Operator::NotIn) { values.into_iter().map(String::from).collect() } else { vec![] },
+            values: if matches!(operator, Operator::In | Operator::NotIn) {
+                values.into_iter().map(String::from).collect()
+            } else {
+                vec![]
+            },
         });
-    (labels(), prop::collection::vec(expr, 0..=1)).prop_map(|(match_labels, match_expressions)| LabelSelector { match_labels, match_expressions })
+    (labels(), prop::collection::vec(expr, 0..=1)).prop_map(|(match_labels, match_expressions)| {
+        LabelSelector {
+            match_labels,
+            match_expressions,
+        }
+    })
 }
 
 fn peer() -> impl Strategy<Value = Peer> {
     prop_oneof![
-        (prop::option::of(selector()), prop::option::of(selector()), 0..3usize).prop_map(|(ns, workloads, own)| Peer::Select {
-            namespaces: match ns {
-                Some(sel) => Namespaces::Matching(sel),
-                None => Namespaces::Same(NS[own].to_string()),
-            },
-            workloads,
-        }),
+        (
+            prop::option::of(selector()),
+            prop::option::of(selector()),
+            0..3usize
+        )
+            .prop_map(|(ns, workloads, own)| Peer::Select {
+                namespaces: match ns {
+                    Some(sel) => Namespaces::Matching(sel),
+                    None => Namespaces::Same(NS[own].to_string()),
+                },
+                workloads,
+            }),
         (0u8..4, prop::bool::ANY).prop_map(|(third, except)| Peer::Cidr {
             cidr: format!("198.19.{third}.0/24").parse().unwrap(),
-            except: if except { vec![format!("198.19.{third}.0/30").parse::<Cidr>().unwrap()] } else { vec![] },
+            except: if except {
+                vec![format!("198.19.{third}.0/30").parse::<Cidr>().unwrap()]
+            } else {
+                vec![]
+            },
         }),
     ]
 }
@@ -74,31 +122,76 @@ fn peer() -> impl Strategy<Value = Peer> {
 fn port() -> impl Strategy<Value = PolicyPort> {
     let proto = prop::sample::select(vec![Protocol::Tcp, Protocol::Udp]);
     (proto, 0..5u8).prop_map(|(protocol, kind)| match kind {
-        0 => PolicyPort { protocol, port: None, end_port: None },
-        1 => PolicyPort { protocol, port: Some(PortRef::Number(80)), end_port: None },
-        2 => PolicyPort { protocol, port: Some(PortRef::Number(50)), end_port: Some(81) },
-        3 => PolicyPort { protocol, port: Some(PortRef::Name("http".into())), end_port: None },
-        _ => PolicyPort { protocol, port: Some(PortRef::Name("dns".into())), end_port: None },
+        0 => PolicyPort {
+            protocol,
+            port: None,
+            end_port: None,
+        },
+        1 => PolicyPort {
+            protocol,
+            port: Some(PortRef::Number(80)),
+            end_port: None,
+        },
+        2 => PolicyPort {
+            protocol,
+            port: Some(PortRef::Number(50)),
+            end_port: Some(81),
+        },
+        3 => PolicyPort {
+            protocol,
+            port: Some(PortRef::Name("http".into())),
+            end_port: None,
+        },
+        _ => PolicyPort {
+            protocol,
+            port: Some(PortRef::Name("dns".into())),
+            end_port: None,
+        },
     })
 }
 
 fn rules() -> impl Strategy<Value = Option<Vec<Rule>>> {
-    let rule = (prop::collection::vec(peer(), 0..=2), prop::collection::vec(port(), 0..=2)).prop_map(|(peers, ports)| Rule { peers, ports, http: None });
+    let rule = (
+        prop::collection::vec(peer(), 0..=2),
+        prop::collection::vec(port(), 0..=2),
+    )
+        .prop_map(|(peers, ports)| Rule {
+            peers,
+            ports,
+            http: None,
+        });
     prop::option::of(prop::collection::vec(rule, 0..=2))
 }
 
 fn policies() -> impl Strategy<Value = Vec<PolicyRule>> {
-    let policy = (0..3usize, selector(), rules(), rules(), prop::bool::weighted(0.2), prop::bool::ANY);
+    let policy = (
+        0..3usize,
+        selector(),
+        rules(),
+        rules(),
+        prop::bool::weighted(0.2),
+        prop::bool::ANY,
+    );
     prop::collection::vec(policy, 0..=5).prop_map(|ps| {
         ps.into_iter()
             .enumerate()
-            .map(|(i, (ns, selector, ingress, egress, audit, k8s))| PolicyRule {
-                id: PolicyRef { namespace: NS[ns].to_string(), name: format!("p{i}"), kind: if k8s { PolicyKind::NetworkPolicy } else { PolicyKind::Policy } },
-                mode: if audit { Mode::Audit } else { Mode::Enforce },
-                selector,
-                ingress,
-                egress,
-            })
+            .map(
+                |(i, (ns, selector, ingress, egress, audit, k8s))| PolicyRule {
+                    id: PolicyRef {
+                        namespace: NS[ns].to_string(),
+                        name: format!("p{i}"),
+                        kind: if k8s {
+                            PolicyKind::NetworkPolicy
+                        } else {
+                            PolicyKind::Policy
+                        },
+                    },
+                    mode: if audit { Mode::Audit } else { Mode::Enforce },
+                    selector,
+                    ingress,
+                    egress,
+                },
+            )
             .collect()
     })
 }
@@ -107,7 +200,11 @@ fn workloads() -> impl Strategy<Value = Vec<Workload>> {
     prop::collection::vec((0..3usize, labels()), 2..=6).prop_map(|ws| {
         ws.into_iter()
             .enumerate()
-            .map(|(i, (ns, labels))| Workload { ns, labels, ip: std::net::Ipv4Addr::new(198, 19, (i % 4) as u8, i as u8).into() })
+            .map(|(i, (ns, labels))| Workload {
+                ns,
+                labels,
+                ip: std::net::Ipv4Addr::new(198, 19, (i % 4) as u8, i as u8).into(),
+            })
             .collect()
     })
 }
@@ -123,7 +220,9 @@ fn build(ws: &[Workload], ps: &[PolicyRule], default: DefaultPolicy) -> Engine {
         world.add_namespace(ns, &ns_labels(i)).unwrap();
     }
     for (i, w) in ws.iter().enumerate() {
-        world.add_workload(NS[w.ns], &format!("w{i}"), &w.labels, &ports(), Some(w.ip)).unwrap();
+        world
+            .add_workload(NS[w.ns], &format!("w{i}"), &w.labels, &ports(), Some(w.ip))
+            .unwrap();
     }
     Engine::new(ps.to_vec(), world, default)
 }
@@ -132,7 +231,10 @@ fn end_of(ws: &[Workload], i: usize) -> Endpoint {
     if i == ws.len() {
         Endpoint::Address("198.19.1.77".parse().unwrap())
     } else {
-        Endpoint::Workload { namespace: NS[ws[i].ns].to_string(), name: format!("w{i}") }
+        Endpoint::Workload {
+            namespace: NS[ws[i].ns].to_string(),
+            name: format!("w{i}"),
+        }
     }
 }
 
@@ -140,7 +242,10 @@ fn end_of(ws: &[Workload], i: usize) -> Endpoint {
 
 fn ref_peer(peer: &Peer, ws: &[Workload], other: usize) -> bool {
     match peer {
-        Peer::Select { namespaces, workloads } => {
+        Peer::Select {
+            namespaces,
+            workloads,
+        } => {
             let Some(w) = ws.get(other) else { return false };
             let ns_ok = match namespaces {
                 Namespaces::Same(ns) => NS[w.ns] == ns,
@@ -149,7 +254,9 @@ fn ref_peer(peer: &Peer, ws: &[Workload], other: usize) -> bool {
             ns_ok && workloads.as_ref().is_none_or(|s| s.matches(&w.labels))
         }
         Peer::Cidr { cidr, except } => {
-            let ip = ws.get(other).map_or("198.19.1.77".parse().unwrap(), |w| w.ip);
+            let ip = ws
+                .get(other)
+                .map_or("198.19.1.77".parse().unwrap(), |w| w.ip);
             cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))
         }
     }
@@ -160,30 +267,89 @@ fn ref_port(p: &PolicyPort, ws: &[Workload], dest: usize, port: u16, proto: Prot
         && match &p.port {
             None => true,
             Some(PortRef::Number(n)) => p.end_port.map_or(*n == port, |e| (*n..=e).contains(&port)),
-            Some(PortRef::Name(name)) => dest < ws.len() && ports().iter().any(|np| np.name.as_deref() == Some(name) && np.port == port && np.protocol == proto),
+            Some(PortRef::Name(name)) => {
+                dest < ws.len()
+                    && ports().iter().any(|np| {
+                        np.name.as_deref() == Some(name) && np.port == port && np.protocol == proto
+                    })
+            }
         }
 }
 
 /// Whether one side passes, considering only policies for which `include` holds.
-fn ref_side(ps: &[PolicyRule], ws: &[Workload], default: DefaultPolicy, dir: Direction, subject: usize, other: usize, dest: usize, port: u16, proto: Protocol, include: impl Fn(&PolicyRule) -> bool) -> bool {
-    let Some(w) = ws.get(subject) else { return true };
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the reference spells out every input of a side"
+)]
+fn ref_side(
+    ps: &[PolicyRule],
+    ws: &[Workload],
+    default: DefaultPolicy,
+    dir: Direction,
+    subject: usize,
+    other: usize,
+    dest: usize,
+    port: u16,
+    proto: Protocol,
+    include: impl Fn(&PolicyRule) -> bool,
+) -> bool {
+    let Some(w) = ws.get(subject) else {
+        return true;
+    };
     let selecting: Vec<&PolicyRule> = ps
         .iter()
-        .filter(|p| include(p) && p.id.namespace == NS[w.ns] && p.selector.matches(&w.labels) && p.rules(dir).is_some())
+        .filter(|p| {
+            include(p)
+                && p.id.namespace == NS[w.ns]
+                && p.selector.matches(&w.labels)
+                && p.rules(dir).is_some()
+        })
         .collect();
     if selecting.is_empty() && default == DefaultPolicy::IsolateSelected {
         return true;
     }
     selecting.iter().any(|p| {
         p.rules(dir).unwrap_or_default().iter().any(|r| {
-            (r.peers.is_empty() || r.peers.iter().any(|x| ref_peer(x, ws, other))) && (r.ports.is_empty() || r.ports.iter().any(|x| ref_port(x, ws, dest, port, proto)))
+            (r.peers.is_empty() || r.peers.iter().any(|x| ref_peer(x, ws, other)))
+                && (r.ports.is_empty()
+                    || r.ports.iter().any(|x| ref_port(x, ws, dest, port, proto)))
         })
     })
 }
 
-fn reference(ps: &[PolicyRule], ws: &[Workload], default: DefaultPolicy, from: usize, to: usize, port: u16, proto: Protocol) -> Decision {
+fn reference(
+    ps: &[PolicyRule],
+    ws: &[Workload],
+    default: DefaultPolicy,
+    from: usize,
+    to: usize,
+    port: u16,
+    proto: Protocol,
+) -> Decision {
     let passes = |include: &dyn Fn(&PolicyRule) -> bool| {
-        ref_side(ps, ws, default, Direction::Egress, from, to, to, port, proto, include) && ref_side(ps, ws, default, Direction::Ingress, to, from, to, port, proto, include)
+        ref_side(
+            ps,
+            ws,
+            default,
+            Direction::Egress,
+            from,
+            to,
+            to,
+            port,
+            proto,
+            include,
+        ) && ref_side(
+            ps,
+            ws,
+            default,
+            Direction::Ingress,
+            to,
+            from,
+            to,
+            port,
+            proto,
+            include,
+        )
     };
     if !passes(&|p| p.mode == Mode::Enforce) {
         Decision::Deny
@@ -195,7 +361,15 @@ fn reference(ps: &[PolicyRule], ws: &[Workload], default: DefaultPolicy, from: u
 }
 
 fn flows() -> impl Strategy<Value = Vec<(usize, usize, u16, Protocol)>> {
-    prop::collection::vec((endpoint(6), endpoint(6), prop::sample::select(vec![53u16, 80, 81, 443]), prop::sample::select(vec![Protocol::Tcp, Protocol::Udp])), 1..20)
+    prop::collection::vec(
+        (
+            endpoint(6),
+            endpoint(6),
+            prop::sample::select(vec![53u16, 80, 81, 443]),
+            prop::sample::select(vec![Protocol::Tcp, Protocol::Udp]),
+        ),
+        1..20,
+    )
 }
 
 fn default_policy() -> impl Strategy<Value = DefaultPolicy> {

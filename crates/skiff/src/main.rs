@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use skiff_cli::{bench, policy, validate};
 
 #[derive(Debug, Parser)]
-#[command(name = "skiff", version, about = "An orchestrator with a built-in service mesh and eBPF network policy")]
+#[command(
+    name = "skiff",
+    version,
+    about = "An orchestrator with a built-in service mesh and eBPF network policy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

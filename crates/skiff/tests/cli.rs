@@ -1,18 +1,33 @@
 //! The `skiff` binary's offline commands, driven as a user would.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails loudly on unexpected errors"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn skiff(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_skiff")).args(args).output().expect("run skiff")
+    Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .args(args)
+        .output()
+        .expect("run skiff")
 }
 
 fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn write(dir: &Path, name: &str, body: &str) -> String {
@@ -24,7 +39,12 @@ fn write(dir: &Path, name: &str, body: &str) -> String {
 #[test]
 fn validate_accepts_the_repository_manifests() {
     let root = repo_root();
-    let out = skiff(&["validate", "-f", root.join("policies").to_str().unwrap(), root.join("examples").to_str().unwrap()]);
+    let out = skiff(&[
+        "validate",
+        "-f",
+        root.join("policies").to_str().unwrap(),
+        root.join("examples").to_str().unwrap(),
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("valid"), "{stdout}");
@@ -59,8 +79,12 @@ spec:
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let expected = [
-        format!("{file}:7:14: spec.selector.matchLabel: unknown field `matchLabel`; did you mean `matchLabels`?"),
-        format!("{file}:10:22: spec.ingress[0].ports[0].port: expected an integer from 1 to 65535, found \"80800\""),
+        format!(
+            "{file}:7:14: spec.selector.matchLabel: unknown field `matchLabel`; did you mean `matchLabels`?"
+        ),
+        format!(
+            "{file}:10:22: spec.ingress[0].ports[0].port: expected an integer from 1 to 65535, found \"80800\""
+        ),
         format!("{file}:17:31: spec.resources.requests.cpu: invalid quantity \"lots\""),
     ];
     for e in &expected {
@@ -76,7 +100,10 @@ fn validate_rejects_huge_files_within_bounded_memory() {
     let file = write(dir.path(), "big.yaml", &big);
     // Run under a 256 MiB address-space limit: reading the file whole into a
     // tree would not fit, refusing it up front does.
-    let cmd = format!("ulimit -v 262144; exec {} validate -f {file}", env!("CARGO_BIN_EXE_skiff"));
+    let cmd = format!(
+        "ulimit -v 262144; exec {} validate -f {file}",
+        env!("CARGO_BIN_EXE_skiff")
+    );
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -91,22 +118,43 @@ fn validate_rejects_deep_nesting_and_alias_bombs() {
     let flow = write(dir.path(), "flow.yaml", &"[".repeat(1_000_000));
     let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
     for i in 1..40 {
-        bomb.push_str(&format!("a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n", p = i - 1));
+        bomb.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n",
+            p = i - 1
+        ));
     }
     let bomb = write(dir.path(), "bomb.yaml", &bomb);
-    let cmd = format!("ulimit -v 262144; exec {} validate -f {deep} {flow} {bomb}", env!("CARGO_BIN_EXE_skiff"));
+    let cmd = format!(
+        "ulimit -v 262144; exec {} validate -f {deep} {flow} {bomb}",
+        env!("CARGO_BIN_EXE_skiff")
+    );
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("{deep}:65:")) && stderr.contains("nesting is deeper than 64 levels"), "{stderr}");
-    assert!(stderr.contains(&format!("{flow}:1:")) && stderr.contains("nested too deeply"), "{stderr}");
-    assert!(stderr.contains(&format!("{bomb}:")) && stderr.contains("counting alias expansions"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{deep}:65:"))
+            && stderr.contains("nesting is deeper than 64 levels"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{flow}:1:")) && stderr.contains("nested too deeply"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{bomb}:")) && stderr.contains("counting alias expansions"),
+        "{stderr}"
+    );
     assert!(stderr.contains("3 error(s) in 3 file(s)"), "{stderr}");
 }
 
 #[test]
 fn policy_test_passes_on_the_demo_policies() {
-    let out = skiff(&["policy", "test", "-f", repo_root().join("policies").to_str().unwrap()]);
+    let out = skiff(&[
+        "policy",
+        "test",
+        "-f",
+        repo_root().join("policies").to_str().unwrap(),
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.trim_end().ends_with(" passed, 0 failed"), "{stdout}");
@@ -152,10 +200,18 @@ fn policy_test_reports_failures_with_reasons() {
 
     let out = skiff(&["policy", "test", "-f", d, "--json"]);
     let (stdout, _) = text(&out);
-    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2);
     let keys: Vec<&String> = lines[1].as_object().unwrap().keys().collect();
-    assert_eq!(keys, ["test", "from", "to", "port", "protocol", "expect", "got", "reason"]);
+    assert_eq!(
+        keys,
+        [
+            "test", "from", "to", "port", "protocol", "expect", "got", "reason"
+        ]
+    );
     assert_eq!(lines[1]["got"], "deny");
     assert_eq!(lines[0]["got"], "allow");
 }
@@ -165,50 +221,138 @@ fn policy_trace_explains_the_chain() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "policy.yaml", POLICY);
     write(dir.path(), "test.yaml", TEST);
-    let out = skiff(&["policy", "trace", "-f", dir.path().to_str().unwrap(), "--from", "shop/web", "--to", "shop/payments", "--port", "9090"]);
+    let out = skiff(&[
+        "policy",
+        "trace",
+        "-f",
+        dir.path().to_str().unwrap(),
+        "--from",
+        "shop/web",
+        "--to",
+        "shop/payments",
+        "--port",
+        "9090",
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(stdout.starts_with("shop/web -> shop/payments 9090/TCP: DENY"), "{stdout}");
-    assert!(stdout.contains("egress of shop/web: not isolated"), "{stdout}");
+    assert!(
+        stdout.starts_with("shop/web -> shop/payments 9090/TCP: DENY"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("egress of shop/web: not isolated"),
+        "{stdout}"
+    );
     assert!(stdout.contains("ingress[0] peers [workloads app=checkout in namespace shop] ports [grpc/TCP]: peer shop/web not in"), "{stdout}");
 
-    let out = skiff(&["policy", "trace", "-f", dir.path().to_str().unwrap(), "--from", "shop/nobody", "--to", "shop/payments", "--port", "9090"]);
+    let out = skiff(&[
+        "policy",
+        "trace",
+        "-f",
+        dir.path().to_str().unwrap(),
+        "--from",
+        "shop/nobody",
+        "--to",
+        "shop/payments",
+        "--port",
+        "9090",
+    ]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr.contains("workload shop/nobody is not declared in any PolicyTest"), "{stderr}");
+    assert!(
+        stderr.contains("workload shop/nobody is not declared in any PolicyTest"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn policy_diff_shows_flows_that_change() {
     let dir = tempfile::tempdir().unwrap();
     let git = |args: &[&str]| {
-        let out = Command::new("git").arg("-C").arg(dir.path()).args(args).output().unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     git(&["init", "-q"]);
     std::fs::create_dir(dir.path().join("policies")).unwrap();
     write(&dir.path().join("policies"), "policy.yaml", POLICY);
     write(&dir.path().join("policies"), "test.yaml", TEST);
     git(&["add", "."]);
-    git(&["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "base"]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.com",
+        "commit",
+        "-qm",
+        "base",
+    ]);
     // The change under review: web may now call payments too.
-    write(&dir.path().join("policies"), "policy.yaml", &POLICY.replace("{app: checkout}", "{app: checkout}}}, {workloads: {matchLabels: {app: web}"));
+    write(
+        &dir.path().join("policies"),
+        "policy.yaml",
+        &POLICY.replace(
+            "{app: checkout}",
+            "{app: checkout}}}, {workloads: {matchLabels: {app: web}",
+        ),
+    );
     let path = dir.path().join("policies");
-    let out = skiff(&["policy", "diff", "--base", "HEAD", "-f", path.to_str().unwrap()]);
+    let out = skiff(&[
+        "policy",
+        "diff",
+        "--base",
+        "HEAD",
+        "-f",
+        path.to_str().unwrap(),
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(stdout.contains("shop/web -> shop/payments 9090/TCP: deny -> allow"), "{stdout}");
-    assert!(stdout.contains("1 flow(s) change decision between HEAD and the working tree"), "{stdout}");
+    assert!(
+        stdout.contains("shop/web -> shop/payments 9090/TCP: deny -> allow"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1 flow(s) change decision between HEAD and the working tree"),
+        "{stdout}"
+    );
 
-    let out = skiff(&["policy", "diff", "--base", "no-such-rev", "-f", path.to_str().unwrap()]);
+    let out = skiff(&[
+        "policy",
+        "diff",
+        "--base",
+        "no-such-rev",
+        "-f",
+        path.to_str().unwrap(),
+    ]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr.contains("`no-such-rev` is not a git revision"), "{stderr}");
+    assert!(
+        stderr.contains("`no-such-rev` is not a git revision"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn bench_policy_eval_prints_json() {
-    let out = skiff(&["bench", "policy-eval", "--workloads", "200", "--policies", "40", "--flows", "20000", "--json"]);
+    let out = skiff(&[
+        "bench",
+        "policy-eval",
+        "--workloads",
+        "200",
+        "--policies",
+        "40",
+        "--flows",
+        "20000",
+        "--json",
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -217,5 +361,8 @@ fn bench_policy_eval_prints_json() {
     assert_eq!(v["policies"], 40);
     assert!(v["flows_per_s"].as_f64().unwrap() > 0.0);
     // The synthetic cluster must exercise both outcomes, or the number means little.
-    assert!(v["allowed"].as_u64().unwrap() > 0 && v["denied"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        v["allowed"].as_u64().unwrap() > 0 && v["denied"].as_u64().unwrap() > 0,
+        "{v}"
+    );
 }
