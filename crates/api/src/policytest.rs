@@ -159,13 +159,25 @@ fn decode_cases(m: &Fields<'_>, cx: &mut Cx, workloads: Option<&[TestWorkload]>)
     cx.at("cases", |cx| {
         for (i, item) in items.iter().enumerate() {
             cx.at_index(i, |cx| {
-                let Some(case) = TestCase::decode(item, cx) else { return };
+                let Some(case) = TestCase::decode(item, cx) else {
+                    return;
+                };
                 for (field, end) in [("from", &case.from), ("to", &case.to)] {
-                    if let (Endpoint::Workload { namespace, name }, Some(workloads)) = (end, workloads) {
-                        if !workloads.iter().any(|w| &w.namespace == namespace && &w.name == name) {
-                            let mark = item.get(field).map_or(item.mark, |n| n.mark);
-                            cx.at(field, |cx| cx.error(mark, format!("workload {namespace}/{name} is not declared under `workloads`")));
-                        }
+                    if let (Endpoint::Workload { namespace, name }, Some(workloads)) =
+                        (end, workloads)
+                        && !workloads
+                            .iter()
+                            .any(|w| &w.namespace == namespace && &w.name == name)
+                    {
+                        let mark = item.get(field).map_or(item.mark, |n| n.mark);
+                        cx.at(field, |cx| {
+                            cx.error(
+                                mark,
+                                format!(
+                                    "workload {namespace}/{name} is not declared under `workloads`"
+                                ),
+                            )
+                        });
                     }
                 }
                 cases.push(case);
