@@ -298,6 +298,22 @@ impl Decode for bool {
     }
 }
 
+/// Reads a scalar and parses it, reporting the parser's message on failure.
+pub fn parse_scalar<T>(
+    node: &Node,
+    cx: &mut Cx,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Option<T> {
+    let text = scalar_text(node, cx, "a string")?;
+    match parse(text) {
+        Ok(v) => Some(v),
+        Err(why) => {
+            cx.error(node.mark, why);
+            None
+        }
+    }
+}
+
 /// Reads an unquoted integer scalar in `lo..=hi`.
 pub fn integer(node: &Node, cx: &mut Cx, lo: i64, hi: i64) -> Option<i64> {
     if let Value::Scalar {

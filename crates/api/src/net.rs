@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::{Serialize, Serializer};
 
-use crate::decode::{Cx, Decode, integer};
+use crate::decode::{Cx, Decode, integer, parse_scalar};
 use crate::meta::is_dns_label;
 use crate::string_enum;
 use crate::yaml::{Node, Plain, Value, plain_scalar};
@@ -162,27 +162,16 @@ impl Serialize for Cidr {
 
 impl Decode for Cidr {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        let text: String = Decode::decode(node, cx)?;
-        match text.parse() {
-            Ok(c) => Some(c),
-            Err(why) => {
-                cx.error(node.mark, why);
-                None
-            }
-        }
+        parse_scalar(node, cx, str::parse)
     }
 }
 
 impl Decode for IpAddr {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        let text: String = Decode::decode(node, cx)?;
-        match text.parse() {
-            Ok(ip) => Some(ip),
-            Err(_) => {
-                cx.error(node.mark, format!("expected an IP address, found {text:?}"));
-                None
-            }
-        }
+        parse_scalar(node, cx, |text| {
+            text.parse()
+                .map_err(|_| format!("expected an IP address, found {text:?}"))
+        })
     }
 }
 

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::decode::{Cx, Decode, Fields};
+use crate::decode::{Cx, Decode, Fields, parse_scalar};
 use crate::meta::{Labels, check_labels, is_dns_label, is_dns_subdomain};
 use crate::net::{Protocol, decode_port, is_port_name};
 use crate::policy::DefaultPolicy;
@@ -265,14 +265,7 @@ impl Decode for NamedPort {
 
 impl Decode for Endpoint {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        let text: String = Decode::decode(node, cx)?;
-        match text.parse() {
-            Ok(e) => Some(e),
-            Err(why) => {
-                cx.error(node.mark, why);
-                None
-            }
-        }
+        parse_scalar(node, cx, str::parse)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use serde::{Serialize, Serializer};
 
-use crate::decode::{Cx, Decode};
+use crate::decode::{Cx, Decode, parse_scalar};
 use crate::yaml::{Node, Plain, Value, plain_scalar};
 
 /// A quantity in thousandths of its unit, as written. CPU `500m` is 500
@@ -89,23 +89,9 @@ impl Serialize for Quantity {
 
 impl Decode for Quantity {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        let Value::Scalar { text, .. } = &node.value else {
-            cx.error(
-                node.mark,
-                format!(
-                    "expected a quantity such as 500m or 256Mi, found {}",
-                    node.describe()
-                ),
-            );
-            return None;
-        };
-        match Quantity::parse(text) {
-            Ok(q) => Some(q),
-            Err(why) => {
-                cx.error(node.mark, format!("invalid quantity {text:?}: {why}"));
-                None
-            }
-        }
+        parse_scalar(node, cx, |text| {
+            Quantity::parse(text).map_err(|why| format!("invalid quantity {text:?}: {why}"))
+        })
     }
 }
 
@@ -177,13 +163,7 @@ impl Decode for Duration {
             );
             return None;
         }
-        match Duration::parse(text) {
-            Ok(d) => Some(d),
-            Err(why) => {
-                cx.error(node.mark, why);
-                None
-            }
-        }
+        parse_scalar(node, cx, Duration::parse)
     }
 }
 

@@ -5,7 +5,8 @@ use std::fmt;
 
 use skiff_api::net::{Cidr, PortRef, Protocol};
 use skiff_api::policy::{
-    HttpRule, Mode, NetworkPolicySpec, Peer as NativePeer, PolicyPort, PolicySpec,
+    HttpRule, Mode, NetworkPolicyPeer, NetworkPolicyRule, NetworkPolicySpec, Peer as NativePeer,
+    PolicyPort, PolicySpec, Rule as ApiRule,
 };
 use skiff_api::selector::LabelSelector;
 use skiff_api::{Object, Resource};
@@ -102,24 +103,11 @@ impl PolicyRule {
     }
 
     pub fn from_native(p: &Object<PolicySpec>) -> PolicyRule {
-        let ns = p.namespace().to_string();
-        let rules = |rules: &Vec<skiff_api::policy::Rule>| -> Vec<Rule> {
-            rules
-                .iter()
-                .map(|r| Rule {
-                    peers: r
-                        .peers()
-                        .iter()
-                        .map(|peer| native_peer(peer, &ns))
-                        .collect(),
-                    ports: r.ports.clone(),
-                    http: r.http.clone(),
-                })
-                .collect()
-        };
+        let ns = p.namespace();
+        let rules = |rules: &Vec<ApiRule>| translate(rules, |peer| native_peer(peer, ns));
         PolicyRule {
             id: PolicyRef {
-                namespace: ns.clone(),
+                namespace: ns.to_string(),
                 name: p.name().to_string(),
                 kind: PolicyKind::Policy,
             },
@@ -134,37 +122,12 @@ impl PolicyRule {
     /// podSelector (own namespace), namespaceSelector (all pods there), both
     /// (AND), or ipBlock.
     pub fn from_k8s(p: &Object<NetworkPolicySpec>) -> PolicyRule {
-        let ns = p.namespace().to_string();
+        let ns = p.namespace();
         let (ingress, egress) = p.spec.effective_policy_types();
-        let rules = |rules: &Vec<skiff_api::policy::NetworkPolicyRule>| -> Vec<Rule> {
-            rules
-                .iter()
-                .map(|r| Rule {
-                    peers: r
-                        .peers()
-                        .iter()
-                        .map(|peer| match &peer.ip_block {
-                            Some(b) => Peer::Cidr {
-                                cidr: b.cidr,
-                                except: b.except.clone(),
-                            },
-                            None => Peer::Select {
-                                namespaces: match &peer.namespace_selector {
-                                    Some(sel) => Namespaces::Matching(sel.clone()),
-                                    None => Namespaces::Same(ns.clone()),
-                                },
-                                workloads: peer.pod_selector.clone(),
-                            },
-                        })
-                        .collect(),
-                    ports: r.ports.clone(),
-                    http: None,
-                })
-                .collect()
-        };
+        let rules = |rules: &Vec<NetworkPolicyRule>| translate(rules, |peer| k8s_peer(peer, ns));
         PolicyRule {
             id: PolicyRef {
-                namespace: ns.clone(),
+                namespace: ns.to_string(),
                 name: p.name().to_string(),
                 kind: PolicyKind::NetworkPolicy,
             },
@@ -180,6 +143,33 @@ impl PolicyRule {
             Direction::Ingress => self.ingress.as_deref(),
             Direction::Egress => self.egress.as_deref(),
         }
+    }
+}
+
+fn translate<P>(rules: &[ApiRule<P>], peer: impl Fn(&P) -> Peer) -> Vec<Rule> {
+    rules
+        .iter()
+        .map(|r| Rule {
+            peers: r.peers().iter().map(&peer).collect(),
+            ports: r.ports.clone(),
+            http: r.http.clone(),
+        })
+        .collect()
+}
+
+fn k8s_peer(peer: &NetworkPolicyPeer, ns: &str) -> Peer {
+    match &peer.ip_block {
+        Some(b) => Peer::Cidr {
+            cidr: b.cidr,
+            except: b.except.clone(),
+        },
+        None => Peer::Select {
+            namespaces: match &peer.namespace_selector {
+                Some(sel) => Namespaces::Matching(sel.clone()),
+                None => Namespaces::Same(ns.to_string()),
+            },
+            workloads: peer.pod_selector.clone(),
+        },
     }
 }
 

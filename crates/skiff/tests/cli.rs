@@ -93,18 +93,23 @@ spec:
     assert!(stderr.contains("3 error(s) in 1 file(s)"), "{stderr}");
 }
 
+/// Runs `skiff validate` under a 256 MiB address-space limit: building a
+/// tree for a hostile file would not fit; refusing it early does.
+fn validate_in_256_mib(files: &[&str]) -> Output {
+    let cmd = format!(
+        "ulimit -v 262144; exec {} validate -f {}",
+        env!("CARGO_BIN_EXE_skiff"),
+        files.join(" ")
+    );
+    Command::new("sh").arg("-c").arg(cmd).output().unwrap()
+}
+
 #[test]
 fn validate_rejects_huge_files_within_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
     let big = "a: b\n".repeat(2 * 1024 * 1024 + 1); // just over 10 MiB
     let file = write(dir.path(), "big.yaml", &big);
-    // Run under a 256 MiB address-space limit: reading the file whole into a
-    // tree would not fit, refusing it up front does.
-    let cmd = format!(
-        "ulimit -v 262144; exec {} validate -f {file}",
-        env!("CARGO_BIN_EXE_skiff")
-    );
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    let out = validate_in_256_mib(&[&file]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("larger than the 8 MiB limit"), "{stderr}");
@@ -124,11 +129,7 @@ fn validate_rejects_deep_nesting_and_alias_bombs() {
         ));
     }
     let bomb = write(dir.path(), "bomb.yaml", &bomb);
-    let cmd = format!(
-        "ulimit -v 262144; exec {} validate -f {deep} {flow} {bomb}",
-        env!("CARGO_BIN_EXE_skiff")
-    );
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    let out = validate_in_256_mib(&[&deep, &flow, &bomb]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what building and testing Skiff needs on Debian 12, and nothing
+# when it is already there. Safe to run again. Needs root for apt-get.
+set -euo pipefail
+
+# Debian packages the build and the tests use:
+#   git            `skiff policy diff` reads the base revision with git (and its tests)
+#   gcc, libc6-dev linking Rust binaries
+#   pkg-config     crates probing system libraries
+#   ca-certificates  reaching the package registries over HTTPS
+PACKAGES=(git gcc libc6-dev pkg-config ca-certificates)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "install-deps: installing ${missing[*]}"
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "install-deps: need root to apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The Rust toolchain cannot be downloaded here; it must come with the machine.
+if ! command -v cargo >/dev/null; then
+    for dir in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do
+        [[ -x "$dir/cargo" ]] && export PATH="$dir:$PATH" && break
+    done
+fi
+if ! command -v cargo >/dev/null; then
+    echo "install-deps: cargo not found; install Rust 1.95 (rustup) first" >&2
+    exit 1
+fi
+version=$(rustc --version | awk '{print $2}')
+if [[ "$(printf '%s\n1.95.0\n' "$version" | sort -V | head -1)" != "1.95.0" ]]; then
+    echo "install-deps: Rust $version is older than 1.95" >&2
+    exit 1
+fi
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
