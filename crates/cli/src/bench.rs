@@ -71,6 +71,7 @@ fn policy_eval(args: &PolicyEvalArgs) -> anyhow::Result<u8> {
         "seconds": round(secs, 3),
         "flows_per_s": round(flows / secs, 0),
         "compile_ms": round(compile_ms, 1),
+        "selections_per_workload": round(s.engine.selection_count() as f64 / args.workloads as f64, 2),
         "allowed": counts[Decision::Allow as usize],
         "denied": counts[Decision::Deny as usize],
         "audit_denied": counts[Decision::AuditDenied as usize],

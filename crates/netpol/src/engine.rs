@@ -386,6 +386,11 @@ impl Engine {
         }
     }
 
+    /// How many (workload, direction, policy) selections the index holds.
+    pub fn selection_count(&self) -> usize {
+        self.selecting.iter().map(|[i, e]| i.len() + e.len()).sum()
+    }
+
     /// The policies selecting a workload for a direction, in name order.
     pub fn selecting(&self, w: WorkloadId, dir: Direction) -> impl Iterator<Item = PolicyId> + '_ {
         self.selecting[w as usize][dir_index(dir)].iter().copied()
