@@ -28,16 +28,36 @@ pub struct TestNamespace {
 }
 
 /// A workload (`namespace/name`) with the labels and ports policies see.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestWorkload {
     pub namespace: String,
     pub name: String,
     pub labels: Labels,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<NamedPort>,
     /// Address, for policies with CIDR peers.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpAddr>,
+}
+
+impl Serialize for TestWorkload {
+    /// Written as it is read: `name: namespace/name`.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Shape<'a> {
+            name: String,
+            labels: &'a Labels,
+            #[serde(skip_serializing_if = "<[NamedPort]>::is_empty")]
+            ports: &'a [NamedPort],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            ip: Option<IpAddr>,
+        }
+        Shape {
+            name: format!("{}/{}", self.namespace, self.name),
+            labels: &self.labels,
+            ports: &self.ports,
+            ip: self.ip,
+        }
+        .serialize(s)
+    }
 }
 
 /// A port of a workload as named ports resolve against it.

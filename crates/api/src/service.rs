@@ -76,6 +76,7 @@ pub struct Health {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Probe {
+    #[serde(flatten)]
     pub check: Check,
     pub period: Duration,
     pub timeout: Duration,
@@ -161,7 +162,7 @@ pub struct AntiAffinity {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum Rollout {
     Rolling {
         max_surge: IntOrPercent,

@@ -385,3 +385,25 @@ proptest! {
         }
     }
 }
+
+/// What is written out reads back as the same thing: the API will store and
+/// serve resources in this shape, and `get -o yaml | apply` must round-trip.
+#[test]
+fn serialized_resources_read_back_identically() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let report = load_paths(&[root.join("examples"), root.join("policies")]);
+    assert!(report.errors.is_empty(), "{:#?}", report.errors);
+    assert!(report.resources.len() > 10);
+    for loaded in &report.resources {
+        let json = serde_json::to_string_pretty(&loaded.resource).unwrap();
+        let back = load_str("roundtrip.json", &json)
+            .unwrap_or_else(|e| panic!("{}:\n{json}\n{e:#?}", loaded.resource.display_name()));
+        assert_eq!(back.len(), 1);
+        assert_eq!(
+            serde_json::to_string_pretty(&back[0].resource).unwrap(),
+            json,
+            "{}",
+            loaded.resource.display_name()
+        );
+    }
+}
