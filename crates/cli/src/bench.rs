@@ -63,6 +63,23 @@ fn policy_eval(args: &PolicyEvalArgs) -> anyhow::Result<u8> {
     }
     let secs = started.elapsed().as_secs_f64();
     let flows = args.flows as f64;
+    // Baseline in the same run: the literal semantics, every policy scanned
+    // per flow (what the index avoids). Timed over fewer flows: it is slow.
+    let policies: Vec<_> = s.engine.policies().cloned().collect();
+    let baseline_flows = (args.flows / 200).clamp(1, sample.len());
+    let started = Instant::now();
+    for &(from, to, port) in &sample[..baseline_flows] {
+        black_box(skiff_netpol::reference::decide(
+            &policies,
+            s.engine.world(),
+            s.engine.default_policy(),
+            black_box(from),
+            black_box(to),
+            port,
+            Protocol::Tcp,
+        ));
+    }
+    let baseline_per_s = baseline_flows as f64 / started.elapsed().as_secs_f64();
     let out = serde_json::json!({
         "bench": "policy-eval",
         "workloads": args.workloads,
@@ -70,6 +87,7 @@ fn policy_eval(args: &PolicyEvalArgs) -> anyhow::Result<u8> {
         "flows": args.flows,
         "seconds": round(secs, 3),
         "flows_per_s": round(flows / secs, 0),
+        "baseline_full_scan_flows_per_s": round(baseline_per_s, 0),
         "compile_ms": round(compile_ms, 1),
         "selections_per_workload": round(s.engine.selection_count() as f64 / args.workloads as f64, 2),
         "allowed": counts[Decision::Allow as usize],

@@ -198,6 +198,11 @@ impl Engine {
         }
     }
 
+    /// The policies, in the engine's (name) order.
+    pub fn policies(&self) -> impl Iterator<Item = &PolicyRule> {
+        self.policies.iter().map(|p| &p.source)
+    }
+
     pub fn world(&self) -> &World {
         &self.world
     }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod engine;
 pub mod model;
+pub mod reference;
 pub mod suite;
 pub mod world;
 

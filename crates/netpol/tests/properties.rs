@@ -16,7 +16,7 @@ use skiff_api::policy::{DefaultPolicy, Mode, PolicyPort};
 use skiff_api::policytest::{Endpoint, NamedPort};
 use skiff_api::selector::{LabelSelector, Operator, Requirement};
 use skiff_netpol::model::{Namespaces, Peer, PolicyKind, PolicyRef, Rule};
-use skiff_netpol::{Decision, Direction, Engine, Flow, PolicyRule, World};
+use skiff_netpol::{Decision, Engine, Flow, PolicyRule, World};
 
 const NS: [&str; 3] = ["n0", "n1", "n2"];
 
@@ -238,126 +238,21 @@ fn end_of(ws: &[Workload], i: usize) -> Endpoint {
     }
 }
 
-// ---- The reference: the semantics read literally, no index, no interning. ----
-
-fn ref_peer(peer: &Peer, ws: &[Workload], other: usize) -> bool {
-    match peer {
-        Peer::Select {
-            namespaces,
-            workloads,
-        } => {
-            let Some(w) = ws.get(other) else { return false };
-            let ns_ok = match namespaces {
-                Namespaces::Same(ns) => NS[w.ns] == ns,
-                Namespaces::Matching(sel) => sel.matches(&ns_labels(w.ns)),
-            };
-            ns_ok && workloads.as_ref().is_none_or(|s| s.matches(&w.labels))
-        }
-        Peer::Cidr { cidr, except } => {
-            let ip = ws
-                .get(other)
-                .map_or("198.19.1.77".parse().unwrap(), |w| w.ip);
-            cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))
-        }
-    }
-}
-
-fn ref_port(p: &PolicyPort, ws: &[Workload], dest: usize, port: u16, proto: Protocol) -> bool {
-    p.protocol == proto
-        && match &p.port {
-            None => true,
-            Some(PortRef::Number(n)) => p.end_port.map_or(*n == port, |e| (*n..=e).contains(&port)),
-            Some(PortRef::Name(name)) => {
-                dest < ws.len()
-                    && ports().iter().any(|np| {
-                        np.name.as_deref() == Some(name) && np.port == port && np.protocol == proto
-                    })
-            }
-        }
-}
-
-/// Whether one side passes, considering only policies for which `include` holds.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the reference spells out every input of a side"
-)]
-fn ref_side(
-    ps: &[PolicyRule],
-    ws: &[Workload],
-    default: DefaultPolicy,
-    dir: Direction,
-    subject: usize,
-    other: usize,
-    dest: usize,
-    port: u16,
-    proto: Protocol,
-    include: impl Fn(&PolicyRule) -> bool,
-) -> bool {
-    let Some(w) = ws.get(subject) else {
-        return true;
-    };
-    let selecting: Vec<&PolicyRule> = ps
-        .iter()
-        .filter(|p| {
-            include(p)
-                && p.id.namespace == NS[w.ns]
-                && p.selector.matches(&w.labels)
-                && p.rules(dir).is_some()
-        })
-        .collect();
-    if selecting.is_empty() && default == DefaultPolicy::IsolateSelected {
-        return true;
-    }
-    selecting.iter().any(|p| {
-        p.rules(dir).unwrap_or_default().iter().any(|r| {
-            (r.peers.is_empty() || r.peers.iter().any(|x| ref_peer(x, ws, other)))
-                && (r.ports.is_empty()
-                    || r.ports.iter().any(|x| ref_port(x, ws, dest, port, proto)))
-        })
-    })
-}
-
-fn reference(
-    ps: &[PolicyRule],
-    ws: &[Workload],
-    default: DefaultPolicy,
-    from: usize,
-    to: usize,
-    port: u16,
-    proto: Protocol,
-) -> Decision {
-    let passes = |include: &dyn Fn(&PolicyRule) -> bool| {
-        ref_side(
-            ps,
-            ws,
-            default,
-            Direction::Egress,
-            from,
-            to,
-            to,
-            port,
-            proto,
-            include,
-        ) && ref_side(
-            ps,
-            ws,
-            default,
-            Direction::Ingress,
-            to,
-            from,
-            to,
-            port,
-            proto,
-            include,
-        )
-    };
-    if !passes(&|p| p.mode == Mode::Enforce) {
-        Decision::Deny
-    } else if !passes(&|_| true) {
-        Decision::AuditDenied
-    } else {
-        Decision::Allow
-    }
+/// The literal reading of the semantics, for a flow between generated endpoints.
+fn reference(engine: &Engine, ps: &[PolicyRule], default: DefaultPolicy, flow: &Flow) -> Decision {
+    let (from, to) = (
+        engine.resolve(&flow.from).unwrap(),
+        engine.resolve(&flow.to).unwrap(),
+    );
+    skiff_netpol::reference::decide(
+        ps,
+        engine.world(),
+        default,
+        from,
+        to,
+        flow.port,
+        flow.protocol,
+    )
 }
 
 fn flows() -> impl Strategy<Value = Vec<(usize, usize, u16, Protocol)>> {
@@ -387,7 +282,7 @@ proptest! {
             let (from, to) = (from.min(ws.len()), to.min(ws.len()));
             let flow = Flow { from: end_of(&ws, from), to: end_of(&ws, to), port, protocol };
             let got = engine.evaluate(&flow).unwrap().decision;
-            let want = reference(&ps, &ws, default, from, to, port, protocol);
+            let want = reference(&engine, &ps, default, &flow);
             prop_assert_eq!(got, want, "{:?}: {}", flow, engine.reason(&flow, &engine.evaluate(&flow).unwrap()));
         }
     }
