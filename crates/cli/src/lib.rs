@@ -3,6 +3,7 @@
 //! Every command returns its exit code; the binary only dispatches.
 
 pub mod bench;
+pub mod bench_store;
 pub mod policy;
 pub mod validate;
 

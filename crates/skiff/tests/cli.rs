@@ -367,3 +367,29 @@ fn bench_policy_eval_prints_json() {
         "{v}"
     );
 }
+
+#[test]
+fn bench_store_prints_json() {
+    let out = skiff(&[
+        "bench",
+        "store",
+        "--clients",
+        "8",
+        "--writes",
+        "400",
+        "--watchers",
+        "4",
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["bench"], "store");
+    assert_eq!(v["watchers_incomplete"], 0, "{v}");
+    // Watcher `id` samples the revisions r (1..=400) with r % 64 == id.
+    let expected: usize = (0..4u64)
+        .map(|id| (1..=400u64).filter(|r| r % 64 == id).count())
+        .sum();
+    assert_eq!(v["watch_samples"], expected, "{v}");
+    assert!(v["writes_per_s"].as_f64().unwrap() > 0.0 && v["commits"].as_u64().unwrap() >= 1);
+}

@@ -98,6 +98,17 @@ struct Shared {
     head: AtomicU64,
     compacted: AtomicU64,
     leases: Mutex<HashMap<LeaseId, LeaseState>>,
+    commits: AtomicU64,
+    writes: AtomicU64,
+}
+
+/// Counters of the writer, for benchmarks and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Durable transactions committed.
+    pub commits: u64,
+    /// Write requests answered by those commits (successful or not).
+    pub writes: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -189,6 +200,8 @@ impl EmbeddedStore {
             head: AtomicU64::new(state.revision),
             compacted: AtomicU64::new(state.compacted),
             leases: Mutex::new(leases),
+            commits: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         });
         let (ops, rx) = mpsc::channel(config.max_batch.max(1) * 4);
         let writer_shared = shared.clone();
@@ -223,6 +236,13 @@ impl EmbeddedStore {
             });
         }
         Ok(store)
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            commits: self.shared.commits.load(Ordering::Relaxed),
+            writes: self.shared.writes.load(Ordering::Relaxed),
+        }
     }
 
     /// Revokes every lease whose deadline is before `now`; returns how many.
@@ -381,7 +401,6 @@ impl Store for EmbeddedStore {
             position: after,
             live,
             catching_up: true,
-            buffer: VecDeque::new(),
             ended: false,
         }))
     }
@@ -569,6 +588,10 @@ impl WriterState {
                         }
                     }
                 }
+                shared.commits.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .writes
+                    .fetch_add(replies.len() as u64, Ordering::Relaxed);
                 shared.head.store(self.revision, Ordering::Release);
                 shared.compacted.store(self.compacted, Ordering::Release);
                 if !events.is_empty() {
@@ -809,20 +832,13 @@ struct EmbeddedWatch {
     position: Revision,
     live: broadcast::Receiver<Arc<Batch>>,
     catching_up: bool,
-    buffer: VecDeque<Arc<Event>>,
     ended: bool,
 }
 
 #[async_trait::async_trait]
 impl WatchSource for EmbeddedWatch {
-    async fn next(&mut self) -> Option<Result<Arc<Event>>> {
-        loop {
-            if let Some(event) = self.buffer.pop_front() {
-                return Some(Ok(event));
-            }
-            if self.ended {
-                return None;
-            }
+    async fn fill(&mut self, out: &mut VecDeque<Arc<Event>>) -> Option<Result<()>> {
+        while !self.ended {
             if self.catching_up {
                 let db = self.shared.db.clone();
                 let after = self.position;
@@ -834,7 +850,7 @@ impl WatchSource for EmbeddedWatch {
                     Ok(events) => {
                         self.catching_up = events.len() == CATCH_UP_CHUNK;
                         for event in events {
-                            self.take(Arc::new(event));
+                            self.take(&Arc::new(event), out);
                         }
                     }
                     Err(e) => {
@@ -842,36 +858,40 @@ impl WatchSource for EmbeddedWatch {
                         return Some(Err(e));
                     }
                 }
-                continue;
+            } else {
+                match self.live.recv().await {
+                    Ok(batch) => {
+                        for event in &batch.events {
+                            self.take(event, out);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // Fell behind the live buffer: subscribe afresh, then
+                        // read what was missed from the log.
+                        match lock(&self.shared.fanout).as_ref() {
+                            Some(sender) => self.live = sender.subscribe(),
+                            None => self.ended = true,
+                        }
+                        self.catching_up = true;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => self.ended = true,
+                }
             }
-            match self.live.recv().await {
-                Ok(batch) => {
-                    for event in &batch.events {
-                        self.take(event.clone());
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // Fell behind the live buffer: subscribe afresh, then
-                    // read what was missed from the log.
-                    match lock(&self.shared.fanout).as_ref() {
-                        Some(sender) => self.live = sender.subscribe(),
-                        None => self.ended = true,
-                    }
-                    self.catching_up = true;
-                }
-                Err(broadcast::error::RecvError::Closed) => self.ended = true,
+            if !out.is_empty() {
+                return Some(Ok(()));
             }
         }
+        None
     }
 }
 
 impl EmbeddedWatch {
     /// Delivers `event` if it is new and under the prefix.
-    fn take(&mut self, event: Arc<Event>) {
+    fn take(&mut self, event: &Arc<Event>, out: &mut VecDeque<Arc<Event>>) {
         if event.revision() > self.position {
             self.position = event.revision();
             if event.key().starts_with(self.prefix.as_str()) {
-                self.buffer.push_back(event);
+                out.push_back(event.clone());
             }
         }
     }

@@ -125,6 +125,8 @@ pub trait Store: Send + Sync {
 /// A stream of changes; see [`Store::watch`].
 pub struct Watch {
     inner: Box<dyn WatchSource>,
+    ready: std::collections::VecDeque<Arc<Event>>,
+    ended: bool,
 }
 
 impl std::fmt::Debug for Watch {
@@ -137,18 +139,42 @@ impl Watch {
     pub fn new(source: impl WatchSource + 'static) -> Self {
         Watch {
             inner: Box::new(source),
+            ready: std::collections::VecDeque::new(),
+            ended: false,
         }
     }
 
     /// The next change, in revision order. `Err(Compacted)` ends the watch:
     /// relist. `None` when the store shuts down.
     pub async fn next(&mut self) -> Option<Result<Arc<Event>>> {
-        self.inner.next().await
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some(Ok(event));
+            }
+            if self.ended {
+                return None;
+            }
+            match self.inner.fill(&mut self.ready).await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    self.ended = true;
+                    return Some(Err(e));
+                }
+                None => self.ended = true,
+            }
+        }
     }
 }
 
-/// What a backend implements to feed a [`Watch`].
+/// What a backend implements to feed a [`Watch`]: changes arrive in
+/// chunks (a commit's worth), so a watch costs one wake-up per chunk, not
+/// per change.
 #[async_trait::async_trait]
 pub trait WatchSource: Send {
-    async fn next(&mut self) -> Option<Result<Arc<Event>>>;
+    /// Appends the next changes, in revision order, to `out`; `None` when
+    /// the store shut down, `Err` when the watch cannot go on.
+    async fn fill(
+        &mut self,
+        out: &mut std::collections::VecDeque<Arc<Event>>,
+    ) -> Option<Result<()>>;
 }
