@@ -52,16 +52,79 @@ pub enum Resource {
     PolicyTest(Object<PolicyTestSpec>),
 }
 
-/// Kind name, its apiVersion, and whether it lives in a namespace.
-const KINDS: &[(&str, &str, bool)] = &[
-    ("Service", API_VERSION, true),
-    ("Instance", API_VERSION, true),
-    ("Node", API_VERSION, false),
-    ("Policy", API_VERSION, true),
-    ("NetworkPolicy", K8S_NETWORKING, true),
-    ("Route", API_VERSION, true),
-    ("PolicyTest", API_VERSION, false),
+/// What the API needs to know about a kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindInfo {
+    pub kind: &'static str,
+    pub api_version: &'static str,
+    /// The path segment: `/apis/{api_version}/namespaces/{ns}/{plural}/{name}`.
+    pub plural: &'static str,
+    pub namespaced: bool,
+    /// Whether the kind has a `status` written through `/status`.
+    pub has_status: bool,
+}
+
+pub const KINDS: &[KindInfo] = &[
+    KindInfo {
+        kind: "Service",
+        api_version: API_VERSION,
+        plural: "services",
+        namespaced: true,
+        has_status: false,
+    },
+    KindInfo {
+        kind: "Instance",
+        api_version: API_VERSION,
+        plural: "instances",
+        namespaced: true,
+        has_status: true,
+    },
+    KindInfo {
+        kind: "Node",
+        api_version: API_VERSION,
+        plural: "nodes",
+        namespaced: false,
+        has_status: true,
+    },
+    KindInfo {
+        kind: "Policy",
+        api_version: API_VERSION,
+        plural: "policies",
+        namespaced: true,
+        has_status: false,
+    },
+    KindInfo {
+        kind: "NetworkPolicy",
+        api_version: K8S_NETWORKING,
+        plural: "networkpolicies",
+        namespaced: true,
+        has_status: false,
+    },
+    KindInfo {
+        kind: "Route",
+        api_version: API_VERSION,
+        plural: "routes",
+        namespaced: true,
+        has_status: false,
+    },
+    KindInfo {
+        kind: "PolicyTest",
+        api_version: API_VERSION,
+        plural: "policytests",
+        namespaced: false,
+        has_status: false,
+    },
 ];
+
+impl KindInfo {
+    /// By kind name (`Service`), plural (`services`), or singular lowercase (`service`).
+    pub fn find(name: &str) -> Option<&'static KindInfo> {
+        let lower = name.to_ascii_lowercase();
+        KINDS
+            .iter()
+            .find(|k| k.kind == name || k.plural == lower || k.kind.to_ascii_lowercase() == lower)
+    }
+}
 
 impl Resource {
     pub fn kind(&self) -> &'static str {
@@ -97,15 +160,31 @@ impl Resource {
         }
     }
 
+    pub fn info(&self) -> &'static KindInfo {
+        KindInfo::find(self.kind()).unwrap_or(&KINDS[0])
+    }
+
     /// Decodes one document, reporting every problem into `cx`.
     pub fn decode(node: &Node, cx: &mut Cx) -> Option<Resource> {
+        Self::decode_in(node, cx, "default")
+    }
+
+    /// Like [`Resource::decode`], with the namespace namespaced kinds get
+    /// when the document names none.
+    pub fn decode_in(node: &Node, cx: &mut Cx, default_namespace: &str) -> Option<Resource> {
         let m = cx.fields(node, &["apiVersion", "kind", "metadata", "spec", "status"])?;
         let kind: Option<String> = m.req(cx, "kind");
         let api_version: Option<String> = m.req(cx, "apiVersion");
         let (kind, api_version) = (kind?, api_version?);
-        let Some(&(kind, expected_api, namespaced)) = KINDS.iter().find(|(k, ..)| *k == kind)
+        let Some(&KindInfo {
+            kind,
+            api_version: expected_api,
+            namespaced,
+            has_status,
+            ..
+        }) = KINDS.iter().find(|k| k.kind == kind)
         else {
-            let known: Vec<&str> = KINDS.iter().map(|(k, ..)| *k).collect();
+            let known: Vec<&str> = KINDS.iter().map(|k| k.kind).collect();
             m.check(cx, "kind", false, || {
                 format!(
                     "unknown kind `{kind}`; expected one of {}",
@@ -120,7 +199,8 @@ impl Resource {
         let mut metadata: Option<ObjectMeta> = m.req(cx, "metadata");
         if let Some(meta) = &mut metadata {
             if namespaced {
-                meta.namespace.get_or_insert_with(|| "default".to_string());
+                meta.namespace
+                    .get_or_insert_with(|| default_namespace.to_string());
             } else if meta.namespace.is_some() {
                 let mark = m
                     .raw("metadata")
@@ -136,7 +216,6 @@ impl Resource {
                 });
             }
         }
-        let has_status = matches!(kind, "Instance" | "Node");
         if !has_status && m.has("status") {
             m.check(cx, "status", false, || {
                 format!("{kind} has no `status`; remove it")
@@ -198,6 +277,15 @@ pub struct LoadReport {
 /// Decodes every document in `src`. A file with any error yields no resources:
 /// callers act on whole files, never on half of one.
 pub fn load_str(file: &str, src: &str) -> Result<Vec<Loaded>, Vec<Diagnostic>> {
+    load_str_in(file, src, "default")
+}
+
+/// [`load_str`] with the namespace for documents that name none.
+pub fn load_str_in(
+    file: &str,
+    src: &str,
+    default_namespace: &str,
+) -> Result<Vec<Loaded>, Vec<Diagnostic>> {
     let docs = yaml::parse(src, Limits::default()).map_err(|e| {
         vec![Diagnostic {
             file: file.to_string(),
@@ -223,7 +311,7 @@ pub fn load_str(file: &str, src: &str) -> Result<Vec<Loaded>, Vec<Diagnostic>> {
         if doc.value == Value::Null {
             continue;
         }
-        if let Some(resource) = Resource::decode(doc, &mut cx) {
+        if let Some(resource) = Resource::decode_in(doc, &mut cx, default_namespace) {
             out.push(Loaded {
                 resource,
                 file: file.to_string(),

@@ -67,6 +67,83 @@ impl Requirement {
     }
 }
 
+impl LabelSelector {
+    /// Parses Kubernetes' selector string form, as `-l` and
+    /// `?labelSelector=` take it: `app=web,tier!=db,env in (a,b),!debug,zone`.
+    pub fn parse(text: &str) -> Result<LabelSelector, String> {
+        let mut sel = LabelSelector::default();
+        let mut depth = 0i32;
+        let mut start = 0;
+        let mut terms = Vec::new();
+        for (i, c) in text.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    terms.push(&text[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        terms.push(&text[start..]);
+        for term in terms.into_iter().map(str::trim).filter(|t| !t.is_empty()) {
+            let req = |key: &str, operator, values: Vec<String>| -> Result<Requirement, String> {
+                let key = key.trim();
+                check_label_key(key).map_err(|why| format!("`{key}` in selector: {why}"))?;
+                for v in &values {
+                    if !crate::meta::is_label_value(v) {
+                        return Err(format!("`{v}` in selector is not a valid label value"));
+                    }
+                }
+                Ok(Requirement {
+                    key: key.to_string(),
+                    operator,
+                    values,
+                })
+            };
+            let set = |rest: &str| -> Result<Vec<String>, String> {
+                let inner = rest
+                    .trim()
+                    .strip_prefix('(')
+                    .and_then(|r| r.strip_suffix(')'))
+                    .ok_or_else(|| format!("expected a list like (a,b) in `{term}`"))?;
+                Ok(inner
+                    .split(',')
+                    .map(|v| v.trim().to_string())
+                    .filter(|v| !v.is_empty())
+                    .collect())
+            };
+            if let Some((key, value)) = term.split_once("!=") {
+                sel.match_expressions.push(req(
+                    key,
+                    Operator::NotIn,
+                    vec![value.trim().to_string()],
+                )?);
+            } else if let Some((key, value)) =
+                term.split_once("==").or_else(|| term.split_once('='))
+            {
+                let r = req(key, Operator::In, vec![value.trim().to_string()])?;
+                sel.match_labels
+                    .insert(r.key, r.values.into_iter().next().unwrap_or_default());
+            } else if let Some((key, rest)) = term.split_once(" notin ") {
+                sel.match_expressions
+                    .push(req(key, Operator::NotIn, set(rest)?)?);
+            } else if let Some((key, rest)) = term.split_once(" in ") {
+                sel.match_expressions
+                    .push(req(key, Operator::In, set(rest)?)?);
+            } else if let Some(key) = term.strip_prefix('!') {
+                sel.match_expressions
+                    .push(req(key, Operator::DoesNotExist, vec![])?);
+            } else {
+                sel.match_expressions
+                    .push(req(term, Operator::Exists, vec![])?);
+            }
+        }
+        Ok(sel)
+    }
+}
+
 impl Decode for LabelSelector {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(node, &["matchLabels", "matchExpressions"])?;
@@ -147,6 +224,32 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn parses_the_string_form() {
+        let sel = LabelSelector::parse("app=web, tier!=db,env in (a, b),!debug,zone,x==y").unwrap();
+        assert_eq!(sel.match_labels, labels(&[("app", "web"), ("x", "y")]));
+        assert_eq!(
+            sel.to_string(),
+            "app=web,x=y,tier notin (db),env in (a,b),!debug,zone"
+        );
+        assert!(sel.matches(&labels(&[
+            ("app", "web"),
+            ("x", "y"),
+            ("env", "a"),
+            ("zone", "1")
+        ])));
+        assert!(!sel.matches(&labels(&[
+            ("app", "web"),
+            ("x", "y"),
+            ("env", "a"),
+            ("zone", "1"),
+            ("debug", "")
+        ])));
+        assert!(LabelSelector::parse("").unwrap().is_empty());
+        assert!(LabelSelector::parse("bad key=x").is_err());
+        assert!(LabelSelector::parse("env in a,b").is_err());
     }
 
     #[test]
