@@ -13,4 +13,6 @@ pub mod service;
 pub mod yaml;
 
 pub use decode::Diagnostic;
-pub use resource::{LoadReport, Loaded, Object, Resource, load_paths, load_str};
+pub use resource::{
+    KINDS, KindInfo, LoadReport, Loaded, Object, Resource, load_paths, load_str, load_str_in,
+};

@@ -58,11 +58,17 @@ pub(crate) fn encode_event(e: &Event) -> Vec<u8> {
             }));
             out
         }
-        Event::Delete { key, .. } => {
-            let mut out = Vec::with_capacity(5 + key.len());
+        Event::Delete { key, prev, .. } => {
+            let mut out = Vec::with_capacity(30 + key.len() + prev.value.len());
             out.push(DELETE);
             out.extend_from_slice(&(key.len() as u32).to_le_bytes());
             out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(&encode_record(&Record {
+                create_revision: prev.create_revision,
+                mod_revision: prev.mod_revision,
+                lease: prev.lease,
+                value: prev.value.clone(),
+            }));
             out
         }
     }
@@ -84,7 +90,21 @@ pub(crate) fn decode_event(revision: Revision, b: &[u8]) -> Option<Event> {
                 lease: r.lease,
             }))
         }
-        DELETE => Some(Event::Delete { key, revision }),
+        DELETE => {
+            let r = decode_record(rest)?;
+            let prev = KeyValue {
+                key: key.clone(),
+                value: r.value,
+                create_revision: r.create_revision,
+                mod_revision: r.mod_revision,
+                lease: r.lease,
+            };
+            Some(Event::Delete {
+                key,
+                revision,
+                prev,
+            })
+        }
         _ => None,
     }
 }
@@ -114,9 +134,17 @@ mod tests {
             lease: None,
         });
         assert_eq!(decode_event(9, &encode_event(&put)), Some(put));
+        let prev = KeyValue {
+            key: "/a/b".into(),
+            value: Bytes::from_static(b"old"),
+            create_revision: 3,
+            mod_revision: 9,
+            lease: Some(2),
+        };
         let del = Event::Delete {
             key: "/a/b".into(),
             revision: 10,
+            prev,
         };
         assert_eq!(decode_event(10, &encode_event(&del)), Some(del));
         assert_eq!(decode_record(&[9, 1, 2]), None);

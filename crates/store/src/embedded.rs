@@ -701,7 +701,7 @@ impl WriterState {
                         if let Some(l) = r.lease {
                             lease_changes.push((l, key.clone(), false));
                         }
-                        t.remove(&key, self.revision, events)?;
+                        t.remove(&key, r, self.revision, events)?;
                         Ok(self.revision)
                     }
                 };
@@ -729,10 +729,10 @@ impl WriterState {
                         .map(|(_, k, _)| k.clone())
                         .collect();
                     for key in keys.into_iter().chain(pending) {
-                        if t.record(&key)?.is_some_and(|r| r.lease == Some(lease)) {
+                        if let Some(r) = t.record(&key)?.filter(|r| r.lease == Some(lease)) {
                             self.revision += 1;
                             lease_changes.push((lease, key.clone(), false));
-                            t.remove(&key, self.revision, events)?;
+                            t.remove(&key, r, self.revision, events)?;
                         }
                     }
                     Ok(self.revision)
@@ -807,6 +807,7 @@ impl Tables<'_> {
     fn remove(
         &mut self,
         key: &str,
+        prev: Record,
         revision: Revision,
         events: &mut Vec<Arc<Event>>,
     ) -> Result<()> {
@@ -814,6 +815,7 @@ impl Tables<'_> {
         let event = Event::Delete {
             key: key.to_string(),
             revision,
+            prev: key_value(key.to_string(), prev),
         };
         self.log
             .insert(revision, encode_event(&event).as_slice())

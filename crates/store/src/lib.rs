@@ -39,7 +39,12 @@ pub struct KeyValue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Put(KeyValue),
-    Delete { key: String, revision: Revision },
+    /// `prev` is the key's last value before the deletion.
+    Delete {
+        key: String,
+        revision: Revision,
+        prev: KeyValue,
+    },
 }
 
 impl Event {
