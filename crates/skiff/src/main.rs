@@ -26,6 +26,30 @@ enum Command {
     /// Measure performance; each prints one JSON line.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run the control plane: the HTTPS API over the embedded store.
+    Server(ServerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServerArgs {
+    /// Where the store, the CA and the credentials live.
+    #[arg(long, default_value = "/var/lib/skiff")]
+    data_dir: std::path::PathBuf,
+    /// Address to listen on (port 0: any free port; the chosen URL is printed).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    listen: std::net::SocketAddr,
+    /// Names or addresses clients use to reach this server (repeatable).
+    #[arg(long)]
+    advertise: Vec<String>,
+    /// Also write the admin client config here (default: $SKIFF_CONFIG, else ~/.skiff/config).
+    #[arg(long)]
+    write_config: Option<std::path::PathBuf>,
+    /// Do not write the admin client config outside the data directory.
+    #[arg(long, conflicts_with = "write_config")]
+    no_write_config: bool,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 fn main() -> ExitCode {
@@ -34,12 +58,59 @@ fn main() -> ExitCode {
         Command::Validate(args) => Ok(validate::run(args)),
         Command::Policy(cmd) => policy::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Server(args) => server(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn server(args: &ServerArgs) -> anyhow::Result<u8> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    let write_config = match (&args.write_config, args.no_write_config) {
+        (_, true) => None,
+        (Some(p), false) => Some(p.clone()),
+        (None, false) => Some(skiff_client::ClientConfig::default_path()),
+    };
+    let options = skiff_control::ServerOptions {
+        data_dir: args.data_dir.clone(),
+        listen: args.listen,
+        advertise: args.advertise.clone(),
+        write_config,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(skiff_control::run(options, shutdown_signal()))?;
+    Ok(0)
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot watch SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
