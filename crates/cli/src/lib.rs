@@ -4,7 +4,9 @@
 
 pub mod bench;
 pub mod bench_store;
+pub mod output;
 pub mod policy;
+pub mod resources;
 pub mod validate;
 
 use std::path::PathBuf;

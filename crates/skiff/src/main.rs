@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use skiff_cli::{bench, policy, validate};
+use skiff_cli::{bench, policy, resources, validate};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,6 +28,14 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Run the control plane: the HTTPS API over the embedded store.
     Server(ServerArgs),
+    /// Create or update objects from manifests (prints created / configured / unchanged).
+    Apply(resources::ApplyArgs),
+    /// Show objects: a table, or -o yaml|json|wide; --watch for changes.
+    Get(resources::GetArgs),
+    /// Delete objects by kind and name, or those a manifest describes.
+    Delete(resources::DeleteArgs),
+    /// Show how the cluster differs from manifests (exit 1 if it does).
+    Diff(resources::DiffArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -59,6 +67,10 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Server(args) => server(args),
+        Command::Apply(args) => resources::apply(args),
+        Command::Get(args) => resources::get(args),
+        Command::Delete(args) => resources::delete(args),
+        Command::Diff(args) => resources::diff(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
