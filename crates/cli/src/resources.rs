@@ -116,10 +116,10 @@ fn strip(v: &mut Value) {
 fn comparable(v: &Value, kind: &KindInfo) -> Value {
     let mut v = v.clone();
     strip(&mut v);
-    if kind.has_status {
-        if let Some(o) = v.as_object_mut() {
-            o.remove("status");
-        }
+    if kind.has_status
+        && let Some(o) = v.as_object_mut()
+    {
+        o.remove("status");
     }
     v
 }
