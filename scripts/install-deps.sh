@@ -8,7 +8,9 @@ set -euo pipefail
 #   gcc, libc6-dev linking Rust binaries
 #   pkg-config     crates probing system libraries
 #   ca-certificates  reaching the package registries over HTTPS
-PACKAGES=(git gcc libc6-dev pkg-config ca-certificates)
+#   prometheus     promtool, which checks the API server's /metrics in the tests
+#   curl           talking to the API by hand in the README's examples
+PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -22,7 +24,15 @@ if ((${#missing[@]})); then
     fi
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
+    # Start no services from packages (prometheus would): a policy-rc.d
+    # that refuses, unless the machine already has one.
+    own_policy=""
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+        own_policy=1
+    fi
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    if [[ -n "$own_policy" ]]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # The Rust toolchain cannot be downloaded here; it must come with the machine.
