@@ -98,6 +98,12 @@ impl Metrics {
     }
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// prometheus-client writes OpenMetrics, where a counter's HELP and TYPE
 /// name the family (`x`) and samples are `x_total`. The Prometheus text
 /// format (what `promtool check metrics` checks, version 0.0.4) wants
@@ -147,11 +153,5 @@ mod tests {
         assert!(text.contains("skiff_store_commits_total 3\n"), "{text}");
         assert!(text.contains("skiff_store_revision 7\n"), "{text}");
         assert!(!text.contains("# EOF"));
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }
