@@ -28,12 +28,16 @@ pub struct StoreArgs {
     /// the disk you want measured.
     #[arg(long)]
     pub data_dir: Option<std::path::PathBuf>,
+    /// Also run the same workload against this etcd (its v3 JSON gateway,
+    /// e.g. http://127.0.0.1:2379) and report it beside ours.
+    #[arg(long)]
+    pub etcd: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
 
 /// Each watcher samples one in this many revisions for delivery latency.
-const SAMPLE_EVERY: u64 = 64;
+pub(crate) const SAMPLE_EVERY: u64 = 64;
 
 pub fn run(args: &StoreArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(
@@ -43,7 +47,10 @@ pub fn run(args: &StoreArgs) -> anyhow::Result<u8> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let out = runtime.block_on(measure(args))?;
+    let mut out = runtime.block_on(measure(args))?;
+    if let Some(url) = &args.etcd {
+        out["peer_etcd"] = runtime.block_on(crate::bench_etcd::measure(args, url))?;
+    }
     println!("{out}");
     Ok(0)
 }
@@ -166,7 +173,7 @@ async fn measure(args: &StoreArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-fn percentile(v: &mut [Duration], p: f64) -> Duration {
+pub(crate) fn percentile(v: &mut [Duration], p: f64) -> Duration {
     if v.is_empty() {
         return Duration::ZERO;
     }
@@ -174,6 +181,6 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }

@@ -3,6 +3,7 @@
 //! Every command returns its exit code; the binary only dispatches.
 
 pub mod bench;
+mod bench_etcd;
 pub mod bench_store;
 pub mod output;
 pub mod policy;
