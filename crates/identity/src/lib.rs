@@ -199,21 +199,29 @@ fn validity_window(params: &mut CertificateParams, now: OffsetDateTime, validity
 }
 
 fn issuer_dn(cert_pem: &str) -> Result<DistinguishedName> {
-    let der = pem_to_der(cert_pem)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+    let (cn, groups) = subject_of(&pem_to_der(cert_pem)?)?;
+    Ok(dn(
+        cn.as_deref().unwrap_or_default(),
+        groups.first().map(String::as_str).unwrap_or_default(),
+    ))
+}
+
+/// A certificate's subject common name and organisations.
+fn subject_of(der: &[u8]) -> Result<(Option<String>, Vec<String>)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| IdentityError::Invalid(e.to_string()))?;
     let subject = cert.subject();
     let cn = subject
         .iter_common_name()
         .next()
         .and_then(|a| a.as_str().ok())
-        .unwrap_or_default();
-    let o = subject
+        .map(String::from);
+    let groups = subject
         .iter_organization()
-        .next()
-        .and_then(|a| a.as_str().ok())
-        .unwrap_or_default();
-    Ok(dn(cn, o))
+        .filter_map(|a| a.as_str().ok())
+        .map(String::from)
+        .collect();
+    Ok((cn, groups))
 }
 
 fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
@@ -226,18 +234,9 @@ fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
 /// Who a verified client certificate (DER) names. The TLS layer has
 /// already checked the chain and validity; this reads the subject.
 pub fn principal_of(cert_der: &[u8]) -> Result<Principal> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
-        .map_err(|e| IdentityError::Invalid(e.to_string()))?;
-    let subject = cert.subject();
-    let cn = subject
-        .iter_common_name()
-        .next()
-        .and_then(|a| a.as_str().ok())
-        .ok_or_else(|| IdentityError::Invalid("no common name".into()))?;
-    let groups: Vec<&str> = subject
-        .iter_organization()
-        .filter_map(|a| a.as_str().ok())
-        .collect();
+    let (cn, groups) = subject_of(cert_der)?;
+    let cn = cn.ok_or_else(|| IdentityError::Invalid("no common name".into()))?;
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
     if groups.contains(&GROUP_ADMINS) {
         Ok(Principal::Admin {
             name: cn.to_string(),
