@@ -12,6 +12,8 @@ use skiff_netpol::bench::{Rng, synthetic};
 pub enum BenchCommand {
     /// Flow verdicts per second of the policy engine on one core.
     PolicyEval(PolicyEvalArgs),
+    /// Placements per second and packing quality of the scheduler.
+    Scheduler(crate::bench_scheduler::SchedulerArgs),
     /// Acknowledged writes per second and watch delivery latency of the embedded store.
     Store(crate::bench_store::StoreArgs),
 }
@@ -36,6 +38,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<u8> {
     match cmd {
         BenchCommand::PolicyEval(a) => policy_eval(a),
         BenchCommand::Store(a) => crate::bench_store::run(a),
+        BenchCommand::Scheduler(a) => crate::bench_scheduler::run(a),
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod bench;
 mod bench_etcd;
+pub mod bench_scheduler;
 pub mod bench_store;
 pub mod output;
 pub mod policy;

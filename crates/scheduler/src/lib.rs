@@ -4,6 +4,7 @@
 //! for a given seed.
 
 mod domains;
+mod index;
 mod model;
 mod scheduler;
 

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use crate::domains::DomainCounts;
+use crate::index::FreeIndex;
 use crate::model::{CPU, DIMS, Effect, HOSTNAME, Instance, MEMORY, Node, Packing, Res};
 
 /// How many nodes a placement looks at.
@@ -137,6 +138,7 @@ pub struct Scheduler {
     placed: HashMap<String, Placed>,
     on_node: Vec<Vec<String>>,
     cursor: usize,
+    index: FreeIndex,
 }
 
 /// Why one node cannot take an instance; `None` means it can.
@@ -170,8 +172,20 @@ impl Scheduler {
         } else {
             (config.seed % n as u64) as usize
         };
+        // Cordoned nodes offer nothing to the index.
+        let free: Vec<Res> = nodes
+            .iter()
+            .map(|n| {
+                if n.schedulable {
+                    n.capacity
+                } else {
+                    Res::default()
+                }
+            })
+            .collect();
         Scheduler {
             config,
+            index: FreeIndex::new(&free),
             used: vec![Res::default(); n],
             on_node: vec![Vec::new(); n],
             nodes,
@@ -373,8 +387,26 @@ impl Scheduler {
     /// Places one instance, reserving its resources; errs with an
     /// explanation when no node can take it.
     pub fn place(&mut self, inst: &Instance) -> Result<String, Unschedulable> {
+        match self.try_place(inst) {
+            Some(node) => Ok(node),
+            None => Err(self.explain(inst)),
+        }
+    }
+
+    /// [`Scheduler::place`] without the explanation when nothing fits (the
+    /// explanation needs a look at every node; ask [`Scheduler::explain`]).
+    ///
+    /// Candidates come from the free-resource index in scan order from
+    /// where the last placement stopped, so full nodes are never looked at;
+    /// under [`Sampling::Bounded`] the scan stops after enough feasible
+    /// nodes. It only reports "nothing fits" after every node the index
+    /// offers was checked.
+    pub fn try_place(&mut self, inst: &Instance) -> Option<String> {
         let service = self.service(inst);
         let n = self.nodes.len();
+        if n == 0 || !self.index.anywhere(&inst.requests) {
+            return None;
+        }
         let want = match self.config.sampling {
             Sampling::Full => usize::MAX,
             Sampling::Bounded {
@@ -382,31 +414,34 @@ impl Scheduler {
                 percent,
             } => min_feasible.max(n * percent / 100),
         };
-        let mut best: Option<(u64, usize)> = None;
-        let mut feasible = 0;
-        let mut visited = 0;
-        let state = &self.services[service];
-        while visited < n && feasible < want {
-            let node = (self.cursor + visited) % n;
-            visited += 1;
-            if self.refusal(node, inst, state).is_none() {
-                feasible += 1;
-                let s = self.score(node, inst, state);
-                if best.is_none_or(|(b, _)| s > b) {
-                    best = Some((s, node));
+        let start = self.cursor;
+        let (mut best, mut feasible, mut last): (Option<(u64, usize)>, usize, usize) =
+            (None, 0, start);
+        {
+            let state = &self.services[service];
+            let mut visit = |node: usize| {
+                last = node;
+                if self.refusal(node, inst, state).is_none() {
+                    feasible += 1;
+                    let s = self.score(node, inst, state);
+                    if best.is_none_or(|(b, _)| s > b) {
+                        best = Some((s, node));
+                    }
                 }
+                feasible < want
+            };
+            if self
+                .index
+                .each_fitting(start, n, &inst.requests, &mut visit)
+            {
+                self.index
+                    .each_fitting(0, start, &inst.requests, &mut visit);
             }
         }
-        if n > 0 {
-            self.cursor = (self.cursor + visited) % n;
-        }
-        match best {
-            Some((_, node)) => {
-                self.commit(node, inst.clone(), service);
-                Ok(self.nodes[node].name.clone())
-            }
-            None => Err(self.explain(inst)),
-        }
+        self.cursor = (last + 1) % n;
+        let (_, node) = best?;
+        self.commit(node, inst.clone(), service);
+        Some(self.nodes[node].name.clone())
     }
 
     /// Places a batch: higher priority first, then larger requests first;
@@ -442,8 +477,20 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Keeps the free-resource index in step with `used[node]`.
+    fn reindex(&mut self, node: usize) {
+        let n = &self.nodes[node];
+        let free = if n.schedulable {
+            n.capacity.sub(&self.used[node])
+        } else {
+            Res::default()
+        };
+        self.index.set(node, &free);
+    }
+
     fn commit(&mut self, node: usize, inst: Instance, service: usize) {
         self.used[node] = self.used[node].add(&inst.requests);
+        self.reindex(node);
         for (topo, counts) in self.services[service].counts.iter_mut() {
             if let Some(d) = self.topologies[*topo].of_node[node] {
                 counts.add(d);
@@ -467,6 +514,7 @@ impl Scheduler {
             .remove(id)
             .ok_or_else(|| SchedulerError::UnknownInstance(id.to_string()))?;
         self.used[p.node] = self.used[p.node].sub(&p.instance.requests);
+        self.reindex(p.node);
         for (topo, counts) in self.services[p.service].counts.iter_mut() {
             if let Some(d) = self.topologies[*topo].of_node[p.node] {
                 counts.remove(d);

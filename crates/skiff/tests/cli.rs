@@ -393,3 +393,30 @@ fn bench_store_prints_json() {
     assert_eq!(v["watch_samples"], expected, "{v}");
     assert!(v["writes_per_s"].as_f64().unwrap() > 0.0 && v["commits"].as_u64().unwrap() >= 1);
 }
+
+#[test]
+fn bench_scheduler_prints_json() {
+    let out = skiff(&[
+        "bench",
+        "scheduler",
+        "--nodes",
+        "50",
+        "--instances",
+        "1000",
+        "--spread",
+        "zone",
+        "--anti-affinity",
+        "--compare-full-scan",
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["bench"], "scheduler");
+    assert_eq!(v["overcommitted_nodes"], 0);
+    assert_eq!(v["full_scan"]["overcommitted_nodes"], 0);
+    assert!(v["max_skew"].as_u64().unwrap() <= 1, "{v}");
+    let placed = v["placed"].as_u64().unwrap();
+    assert_eq!(placed + v["unschedulable"].as_u64().unwrap(), 1000);
+    assert!(placed > 500, "{v}");
+}
