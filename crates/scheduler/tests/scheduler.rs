@@ -234,6 +234,43 @@ fn soft_spread_prefers_emptier_domains_but_never_refuses() {
 }
 
 #[test]
+fn soft_anti_affinity_prefers_nodes_without_the_service() {
+    let mut s = Scheduler::new(
+        vec![node("a", 8000, 16, "z1"), node("b", 8000, 16, "z1")],
+        full(),
+    );
+    let mk = |i: usize| {
+        let mut x = inst(&format!("i{i}"), "web", 100, 1);
+        x.anti_affinity.push(AntiAffinity {
+            topology_key: HOSTNAME.into(),
+            max_per_domain: 1,
+            hard: false,
+        });
+        x
+    };
+    // Bin-packing alone would stack both on one node.
+    let first = s.place(&mk(0)).unwrap();
+    let second = s.place(&mk(1)).unwrap();
+    assert_ne!(first, second);
+    // Soft: a third still places.
+    assert!(s.place(&mk(2)).is_ok());
+}
+
+#[test]
+fn extended_resources_are_counted() {
+    let mut gpu_node = node("gpu", 8000, 16, "z1");
+    gpu_node.capacity = gpu_node.capacity.with_extended(0, 2);
+    let mut s = Scheduler::new(vec![node("plain", 8000, 16, "z1"), gpu_node], full());
+    let mk = |id: &str| Instance::new(id, "train", Res::new(100, GI).with_extended(0, 1));
+    assert_eq!(s.place(&mk("t1")).unwrap(), "gpu");
+    assert_eq!(s.place(&mk("t2")).unwrap(), "gpu");
+    assert_eq!(
+        s.place(&mk("t3")).unwrap_err().to_string(),
+        "0/2 nodes fit: 2 insufficient extended resource 0"
+    );
+}
+
+#[test]
 fn batch_reserves_and_places_big_first() {
     let mut s = Scheduler::new(
         vec![node("a", 4000, 8, "z"), node("b", 4000, 8, "z")],
@@ -419,25 +456,51 @@ proptest! {
         prop_assert_eq!(run(), run());
     }
 
-    /// An instance reported unschedulable fits nowhere, by brute force
-    /// (resources, selector, taints, cordon); and one placed fits where it went.
+    /// An instance reported unschedulable fits nowhere, by brute force over
+    /// every node with every constraint recomputed from the placements.
     #[test]
     fn unschedulable_really_fits_nowhere(nodes in arb_nodes(), batch in arb_instances()) {
         let mut s = Scheduler::new(nodes.clone(), Config { sampling: Sampling::Bounded { min_feasible: 1, percent: 1 }, ..Config::default() });
+        let mut placed: Vec<(usize, String)> = Vec::new(); // (node, service)
         for inst in &batch {
-            // Brute force on the state just before this placement.
-            let fits_somewhere = |s: &Scheduler| (0..nodes.len()).any(|n| {
+            let base_ok = |n: usize, s: &Scheduler| {
                 let node = &nodes[n];
-                let free = node.capacity.sub(&s.used(n));
                 node.schedulable
-                    && inst.requests.fits_in(&free)
+                    && inst.requests.fits_in(&node.capacity.sub(&s.used(n)))
                     && node.taints.iter().all(|t| inst.tolerations.iter().any(|tol| tol.tolerates(t)))
-            });
-            let plain = inst.spread.is_empty() && inst.anti_affinity.is_empty();
-            let could = fits_somewhere(&s);
+            };
+            let zone = |n: usize| nodes[n].labels["zone"].clone();
+            let mine = |n: &usize| placed.iter().filter(|(pn, svc)| pn == n && *svc == inst.service).count();
+            let fits = |n: usize, s: &Scheduler| {
+                if !base_ok(n, s) {
+                    return false;
+                }
+                if !inst.anti_affinity.is_empty() && mine(&n) >= 1 {
+                    return false;
+                }
+                if !inst.spread.is_empty() {
+                    // Eligible zones: those with a node the service may use at all.
+                    let eligible: std::collections::BTreeSet<String> = (0..nodes.len())
+                        .filter(|m| nodes[*m].schedulable && nodes[*m].taints.iter().all(|t| inst.tolerations.iter().any(|tol| tol.tolerates(t))))
+                        .map(zone)
+                        .collect();
+                    let count = |z: &String| placed.iter().filter(|(pn, svc)| *svc == inst.service && zone(*pn) == *z).count();
+                    let min = eligible.iter().map(count).min().unwrap_or(0);
+                    if count(&zone(n)) + 1 > min + 1 {
+                        return false;
+                    }
+                }
+                true
+            };
+            let fit_before: Vec<bool> = (0..nodes.len()).map(|n| fits(n, &s)).collect();
+            let could = fit_before.iter().any(|f| *f);
             match s.place(inst) {
-                Ok(_) => {}
-                Err(e) => if plain { prop_assert!(!could, "{} reported unschedulable ({e}) but fits somewhere", inst.id) },
+                Ok(name) => {
+                    let n = nodes.iter().position(|x| x.name == name).unwrap();
+                    prop_assert!(fit_before[n], "{} placed on {name}, where it did not fit", inst.id);
+                    placed.push((n, inst.service.clone()));
+                }
+                Err(e) => prop_assert!(!could, "{} reported unschedulable ({e}) but fits somewhere", inst.id),
             }
         }
     }
