@@ -1,6 +1,7 @@
-//! Kill `skiff server` with SIGKILL under a steady write load, over and
-//! over: every write the API acknowledged must be there after each restart,
-//! and a watch resuming from its last revision sees every change exactly once.
+//! Stop `skiff server` under a steady write load, over and over: with
+//! SIGKILL, every write the API acknowledged must be there after each
+//! restart, and a watch resuming from its last revision sees every change
+//! exactly once; with SIGTERM, the server exits 0 and loses nothing either.
 
 #![allow(
     clippy::unwrap_used,
@@ -18,15 +19,118 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 use skiff_api::KindInfo;
 use support::{Server, free_port};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinHandle;
 
 const ROUNDS: usize = 20;
 const WRITERS: usize = 4;
+
+fn policies() -> &'static KindInfo {
+    KindInfo::find("policies").unwrap()
+}
+
+/// Writers creating uniquely named policies until stopped or refused.
+struct Load {
+    writers: Vec<JoinHandle<()>>,
+    acks: UnboundedReceiver<(String, u64)>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Load {
+    fn start(server: &Server, prefix: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, acks) = tokio::sync::mpsc::unbounded_channel();
+        let writers = (0..WRITERS)
+            .map(|w| {
+                let (client, stop, tx, prefix) = (server.client(), stop.clone(), tx.clone(), prefix.to_string());
+                tokio::spawn(async move {
+                    for i in 0.. {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let name = format!("{prefix}-w{w}-{i}");
+                        let body = json!({"apiVersion": "skiff.dev/v1", "kind": "Policy", "metadata": {"name": name, "namespace": "shop"}, "spec": {"selector": {}, "ingress": []}});
+                        match client.create(policies(), Some("shop"), &body).await {
+                            Ok(v) => {
+                                let _ = tx.send((name, v["metadata"]["revision"].as_u64().unwrap()));
+                            }
+                            // The server went away under us: this write is not
+                            // acknowledged. Refused or cut off, never a 5xx but 503.
+                            Err(e) => {
+                                assert!(e.status().is_none_or(|s| s == 503), "{e}");
+                                break;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            writers,
+            acks,
+            stop,
+        }
+    }
+
+    /// Waits for `n` acknowledgements.
+    async fn take(&mut self, n: usize, acked: &mut HashMap<String, u64>) {
+        for _ in 0..n {
+            let (name, rev) = tokio::time::timeout(Duration::from_secs(30), self.acks.recv())
+                .await
+                .expect("writes stalled")
+                .expect("writers stopped");
+            acked.insert(name, rev);
+        }
+    }
+
+    /// Stops the writers and collects the acknowledgements still queued.
+    async fn finish(mut self, acked: &mut HashMap<String, u64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.writers {
+            w.await.unwrap();
+        }
+        while let Ok((name, rev)) = self.acks.try_recv() {
+            acked.insert(name, rev);
+        }
+    }
+}
+
+/// Every acknowledged write is stored, at the revision acknowledged.
+async fn assert_all_stored(server: &Server, acked: &HashMap<String, u64>) -> u64 {
+    let list = server
+        .client()
+        .list(policies(), Some("shop"), None)
+        .await
+        .unwrap();
+    let stored: HashMap<&str, u64> = list
+        .items
+        .iter()
+        .map(|o| {
+            (
+                o["metadata"]["name"].as_str().unwrap(),
+                o["metadata"]["revision"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    for (name, rev) in acked {
+        assert_eq!(
+            stored.get(name.as_str()),
+            Some(rev),
+            "acknowledged {name} at revision {rev} is lost or changed"
+        );
+    }
+    println!(
+        "{} acknowledged writes, {} stored",
+        acked.len(),
+        stored.len()
+    );
+    list.revision
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_api_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let policies = KindInfo::find("policies").unwrap();
     let seed = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
@@ -43,8 +147,7 @@ async fn acknowledged_api_writes_survive_sigkill() {
 
     // One watch for the whole test; it reconnects across every restart.
     let first = Server::start(dir.path(), port);
-    let client = first.client();
-    let mut watch = client.watch(policies, Some("shop"), None, 0);
+    let mut watch = first.client().watch(policies(), Some("shop"), None, 0);
     let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(event) = watch.next().await {
@@ -60,151 +163,43 @@ async fn acknowledged_api_writes_survive_sigkill() {
     });
     drop(first);
 
-    let mut acked: HashMap<String, u64> = HashMap::new();
+    let mut acked = HashMap::new();
     for round in 0..ROUNDS {
         let mut server = Server::start(dir.path(), port);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u64)>();
-        let mut writers = Vec::new();
-        for w in 0..WRITERS {
-            let (client, stop, ack_tx) = (server.client(), stop.clone(), ack_tx.clone());
-            writers.push(tokio::spawn(async move {
-                for i in 0.. {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let name = format!("r{round}-w{w}-{i}");
-                    let body = json!({"apiVersion": "skiff.dev/v1", "kind": "Policy", "metadata": {"name": name, "namespace": "shop"}, "spec": {"selector": {}, "ingress": []}});
-                    match client.create(policies, Some("shop"), &body).await {
-                        Ok(v) => {
-                            let _ = ack_tx.send((name, v["metadata"]["revision"].as_u64().unwrap()));
-                        }
-                        // The server was killed under us: this write is not acknowledged.
-                        Err(_) => break,
-                    }
-                }
-            }));
-        }
-        drop(ack_tx);
-        let kill_after = 1 + random(60) as usize;
-        for _ in 0..kill_after {
-            let (name, rev) = tokio::time::timeout(Duration::from_secs(30), ack_rx.recv())
-                .await
-                .expect("writes stalled")
-                .expect("writers stopped");
-            acked.insert(name, rev);
-        }
+        let mut load = Load::start(&server, &format!("r{round}"));
+        load.take(1 + random(60) as usize, &mut acked).await;
         server.kill();
-        stop.store(true, Ordering::Relaxed);
-        for w in writers {
-            w.await.unwrap();
-        }
-        while let Ok((name, rev)) = ack_rx.try_recv() {
-            acked.insert(name, rev);
-        }
+        load.finish(&mut acked).await;
     }
 
     let server = Server::start(dir.path(), port);
-    let list = server
-        .client()
-        .list(policies, Some("shop"), None)
-        .await
-        .unwrap();
-    let stored: HashMap<String, u64> = list
-        .items
-        .iter()
-        .map(|o| {
-            (
-                o["metadata"]["name"].as_str().unwrap().to_string(),
-                o["metadata"]["revision"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    for (name, rev) in &acked {
-        assert_eq!(
-            stored.get(name),
-            Some(rev),
-            "acknowledged {name} at revision {rev} is lost or changed; seed {seed}"
-        );
-    }
-    // Every change, once, in order, across {ROUNDS} kills.
+    let head = assert_all_stored(&server, &acked).await;
+    // Every change, once, in order, across all the kills.
     let mut seen = Vec::new();
-    while seen.last() != Some(&list.revision) {
+    while seen.last() != Some(&head) {
         let rev = tokio::time::timeout(Duration::from_secs(30), events_rx.recv())
             .await
             .expect("watch stalled")
             .unwrap();
         seen.push(rev);
     }
-    assert_eq!(seen, (1..=list.revision).collect::<Vec<_>>(), "seed {seed}");
-    println!(
-        "{ROUNDS} kills: {} acknowledged writes, {} stored, {} watched",
-        acked.len(),
-        stored.len(),
-        seen.len()
-    );
+    assert_eq!(seen, (1..=head).collect::<Vec<_>>(), "seed {seed}");
+    println!("{ROUNDS} kills; {} changes watched", seen.len());
 }
 
-/// SIGTERM under write load: the server exits 0, and every write it
-/// acknowledged before stopping is there after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let policies = KindInfo::find("policies").unwrap();
-    let mut acked: HashMap<String, u64> = HashMap::new();
+    let mut acked = HashMap::new();
     for round in 0..3 {
         let mut server = Server::start(dir.path(), port);
-        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(String, u64)>();
-        let mut writers = Vec::new();
-        for w in 0..WRITERS {
-            let (client, ack_tx) = (server.client(), ack_tx.clone());
-            writers.push(tokio::spawn(async move {
-                for i in 0.. {
-                    let name = format!("t{round}-w{w}-{i}");
-                    let body = json!({"apiVersion": "skiff.dev/v1", "kind": "Policy", "metadata": {"name": name, "namespace": "shop"}, "spec": {"selector": {}, "ingress": []}});
-                    match client.create(policies, Some("shop"), &body).await {
-                        Ok(v) => {
-                            let _ = ack_tx.send((name, v["metadata"]["revision"].as_u64().unwrap()));
-                        }
-                        // Refused or cut off once the server stops: never a 5xx.
-                        Err(e) => {
-                            assert!(e.status().is_none_or(|s| s == 503), "{e}");
-                            break;
-                        }
-                    }
-                }
-            }));
-        }
-        drop(ack_tx);
-        for _ in 0..50 {
-            let (name, rev) = tokio::time::timeout(Duration::from_secs(30), ack_rx.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            acked.insert(name, rev);
-        }
+        let mut load = Load::start(&server, &format!("t{round}"));
+        load.take(50, &mut acked).await;
         let status = server.terminate();
         assert!(status.success(), "{status:?}");
-        for w in writers {
-            w.await.unwrap();
-        }
-        while let Ok((name, rev)) = ack_rx.try_recv() {
-            acked.insert(name, rev);
-        }
+        load.finish(&mut acked).await;
     }
     let server = Server::start(dir.path(), port);
-    let list = server
-        .client()
-        .list(policies, Some("shop"), None)
-        .await
-        .unwrap();
-    for (name, rev) in &acked {
-        assert!(
-            list.items.iter().any(
-                |o| o["metadata"]["name"] == name.as_str() && o["metadata"]["revision"] == *rev
-            ),
-            "{name} lost"
-        );
-    }
+    assert_all_stored(&server, &acked).await;
 }
