@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -17,6 +17,7 @@ use serde_json::Value;
 use skiff_api::KindInfo;
 
 pub use config::ClientConfig;
+pub use hyper::Method;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -149,6 +150,15 @@ impl Client {
 
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// The same connection pool, acting for another node (join-token clients).
+    pub fn with_node(&self, node: &str) -> Client {
+        let mut c = self.clone();
+        if let Some((_, n)) = &mut c.token {
+            *n = node.to_string();
+        }
+        c
     }
 
     /// Sends a request; returns the status and body of any answer.

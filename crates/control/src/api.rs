@@ -36,7 +36,14 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub join_token: String,
     pub shutdown: watch::Receiver<bool>,
+    /// A node is lost when its heartbeats stop for this long.
+    pub node_grace: Duration,
+    /// The store lease behind each node's heartbeat key.
+    pub node_leases: std::sync::Mutex<std::collections::HashMap<String, skiff_store::LeaseId>>,
 }
+
+/// Where a node's liveness lease lives; the node lifecycle controller watches it.
+pub const NODE_LEASES: &str = "/leases/nodes/";
 
 /// What a path names.
 #[derive(Debug)]
@@ -111,6 +118,18 @@ async fn dispatch(state: &Arc<AppState>, req: Request) -> Result<Response, ApiEr
             text,
         )
             .into_response());
+    }
+    if let Some(node) = path
+        .strip_prefix("/apis/skiff.dev/v1/nodes/")
+        .and_then(|p| p.strip_suffix("/heartbeat"))
+    {
+        if req.method() != Method::PUT {
+            return Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "heartbeats are PUT",
+            ));
+        }
+        return heartbeat(state, &who, node).await;
     }
     let target = parse_path(&path)?;
     let query = Query::parse(req.uri().query().unwrap_or_default())?;
@@ -523,6 +542,58 @@ async fn delete(state: &AppState, who: &Principal, t: &Target) -> Result<Respons
         json!({"kind": "Status", "code": 200, "message": "deleted", "revision": revision}),
     )
     .into_response())
+}
+
+/// A node agent says it is alive: its lease is renewed (or created again
+/// after it was lost). Answers with the node's fencing generation.
+async fn heartbeat(state: &AppState, who: &Principal, node: &str) -> Result<Response, ApiError> {
+    let kind = KindInfo::find("nodes").ok_or_else(|| ApiError::internal("no Node kind"))?;
+    authorize(who, Verb::Update, kind, None, Some(node), None)?;
+    let Some(kv) = state.store.get(&format!("/registry/nodes/{node}")).await? else {
+        return Err(ApiError::not_found(format!(
+            "Node {node} not found: register it (POST the Node) first"
+        )));
+    };
+    let lease = state
+        .node_leases
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(node)
+        .copied();
+    let alive = match lease {
+        Some(l) => state.store.lease_keepalive(l).await.is_ok(),
+        None => false,
+    };
+    if !alive {
+        let lease = state.store.lease_grant(state.node_grace).await?;
+        let key = format!("{NODE_LEASES}{node}");
+        match state
+            .store
+            .create(&key, Bytes::from_static(b"alive"), Some(lease))
+            .await
+        {
+            Ok(_) => {}
+            // The old key outlived its lease by a tick: replace it.
+            Err(skiff_store::StoreError::AlreadyExists { .. }) => {
+                let _ = state.store.delete(&key, None).await;
+                state
+                    .store
+                    .create(&key, Bytes::from_static(b"alive"), Some(lease))
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        state
+            .node_leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), lease);
+    }
+    let generation = object(&kv)?
+        .pointer("/status/generation")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Ok(axum::Json(json!({"node": node, "generation": generation})).into_response())
 }
 
 /// One line of a watch stream.

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod controllers;
 pub mod error;
 pub mod metrics;
 pub mod pki;
@@ -34,6 +35,8 @@ pub struct ServerOptions {
     pub advertise: Vec<String>,
     /// Where to also write the admin client config (the CLI's default).
     pub write_config: Option<PathBuf>,
+    /// A node is declared lost when its heartbeats stop for this long.
+    pub node_grace: std::time::Duration,
 }
 
 /// Serves the API until `shutdown` resolves; then stops accepting, ends
@@ -84,8 +87,11 @@ pub async fn run(
         store: store.clone(),
         metrics: metrics.clone(),
         join_token: pki.join_token.clone(),
+        node_grace: opts.node_grace,
+        node_leases: std::sync::Mutex::new(std::collections::HashMap::new()),
         shutdown: stopped.clone(),
     });
+    controllers::spawn(store.clone(), stopped.clone());
     let app = axum::Router::new().fallback(api::handle).with_state(state);
     tracing::info!(url = %url, revision = store.revision(), "Listening");
     // The line tests and scripts wait for.

@@ -28,6 +28,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Run the control plane: the HTTPS API over the embedded store.
     Server(ServerArgs),
+    /// Run a node agent (so far: hollow nodes only, with --simulate).
+    Agent(AgentArgs),
     /// Create or update objects from manifests (prints created / configured / unchanged).
     Apply(resources::ApplyArgs),
     /// Show objects: a table, or -o yaml|json|wide; --watch for changes.
@@ -36,6 +38,33 @@ enum Command {
     Delete(resources::DeleteArgs),
     /// Show how the cluster differs from manifests (exit 1 if it does).
     Diff(resources::DiffArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    /// The API server, e.g. https://198.18.0.1:7443.
+    #[arg(long)]
+    server: String,
+    /// The cluster CA certificate (the server's data dir has it in pki/ca.crt).
+    #[arg(long)]
+    ca_file: std::path::PathBuf,
+    /// The join token (the server's data dir has it in join-token).
+    #[arg(long, env = "SKIFF_JOIN_TOKEN")]
+    join_token: String,
+    /// Register this many hollow nodes that heartbeat and report their
+    /// instances running without starting anything (control-plane scale tests).
+    #[arg(long)]
+    simulate: Option<usize>,
+    /// Name prefix of the hollow nodes (`{prefix}{i}`).
+    #[arg(long, default_value = "hollow-")]
+    node_prefix: String,
+    /// Capacity of each hollow node.
+    #[arg(long, default_value = "8")]
+    cpu: String,
+    #[arg(long, default_value = "32Gi")]
+    memory: String,
+    #[arg(long, default_value_t = 3)]
+    zones: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +87,9 @@ struct ServerArgs {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Declare a node lost after this many seconds without a heartbeat.
+    #[arg(long, default_value_t = 3.0)]
+    node_grace: f64,
 }
 
 fn main() -> ExitCode {
@@ -67,6 +99,7 @@ fn main() -> ExitCode {
         Command::Policy(cmd) => policy::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Server(args) => server(args),
+        Command::Agent(args) => agent(args),
         Command::Apply(args) => resources::apply(args),
         Command::Get(args) => resources::get(args),
         Command::Delete(args) => resources::delete(args),
@@ -97,16 +130,68 @@ fn server(args: &ServerArgs) -> anyhow::Result<u8> {
         (Some(p), false) => Some(p.clone()),
         (None, false) => Some(skiff_client::ClientConfig::default_path()),
     };
+    anyhow::ensure!(
+        args.node_grace >= 0.5,
+        "--node-grace must be at least 0.5 seconds"
+    );
     let options = skiff_control::ServerOptions {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
         advertise: args.advertise.clone(),
         write_config,
+        node_grace: std::time::Duration::from_secs_f64(args.node_grace),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(skiff_control::run(options, shutdown_signal()))?;
+    Ok(0)
+}
+
+fn agent(args: &AgentArgs) -> anyhow::Result<u8> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let Some(nodes) = args.simulate else {
+        anyhow::bail!(
+            "only hollow nodes are supported so far: pass --simulate N (the real runtime comes with the agent issue)"
+        );
+    };
+    for q in [&args.cpu, &args.memory] {
+        skiff_api::quantity::Quantity::parse(q)
+            .map_err(|e| anyhow::anyhow!("--cpu/--memory {q:?}: {e}"))?;
+    }
+    let ca = std::fs::read_to_string(&args.ca_file)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.ca_file.display()))?;
+    let config = skiff_client::ClientConfig {
+        server: args.server.clone(),
+        certificate_authority: ca,
+        client_certificate: None,
+        client_key: None,
+        token: Some(args.join_token.trim().to_string()),
+        node: None,
+    };
+    let client = skiff_client::Client::new(&config)?;
+    let sim = skiff_agent::Simulation {
+        prefix: args.node_prefix.clone(),
+        nodes,
+        cpu: args.cpu.clone(),
+        memory: args.memory.clone(),
+        zones: args.zones,
+        heartbeat: std::time::Duration::from_secs(1),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        tokio::select! {
+            r = skiff_agent::simulate(client, sim) => r.map_err(anyhow::Error::from),
+            _ = shutdown_signal() => Ok(()),
+        }
+    })?;
     Ok(0)
 }
 

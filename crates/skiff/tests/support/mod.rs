@@ -29,14 +29,20 @@ pub fn free_port() -> u16 {
 impl Server {
     /// Starts a server and waits for its "listening" line.
     pub fn start(data_dir: &Path, port: u16) -> Server {
+        Self::start_with(data_dir, port, &[])
+    }
+
+    /// [`Server::start`] with extra `skiff server` arguments.
+    pub fn start_with(data_dir: &Path, port: u16, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_skiff"))
             .args([
                 "server",
                 "--no-write-config",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
-                "--data-dir",
             ])
+            .args(extra)
+            .arg("--data-dir")
             .arg(data_dir)
             .env("SKIFF_LOG", "warn")
             .stdout(Stdio::piped())
@@ -115,6 +121,50 @@ impl Server {
 }
 
 impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `skiff agent --simulate` process (hollow nodes); killed on drop.
+pub struct Agent {
+    child: Option<Child>,
+}
+
+impl Agent {
+    pub fn start(server: &Server, prefix: &str, nodes: usize) -> Agent {
+        let child = Command::new(env!("CARGO_BIN_EXE_skiff"))
+            .args([
+                "agent",
+                "--server",
+                &server.url,
+                "--join-token",
+                &server.join_token(),
+                "--simulate",
+                &nodes.to_string(),
+                "--node-prefix",
+                prefix,
+                "--ca-file",
+            ])
+            .arg(server.data_dir.join("pki/ca.crt"))
+            .env("SKIFF_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start skiff agent");
+        Agent { child: Some(child) }
+    }
+
+    /// SIGKILL: the node dies with everything on it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
     }

@@ -1,0 +1,178 @@
+//! Skiff's node agent. So far its hollow mode (as Kubemark and KWOK do):
+//! it registers simulated nodes, keeps their heartbeats going, and reports
+//! the instances assigned to them as running, without starting processes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use skiff_api::KindInfo;
+use skiff_client::{Client, ClientError, EventType};
+use tokio::sync::Mutex;
+
+/// What the hollow nodes look like.
+#[derive(Debug, Clone)]
+pub struct Simulation {
+    /// Node names are `{prefix}{i}`.
+    pub prefix: String,
+    pub nodes: usize,
+    pub cpu: String,
+    pub memory: String,
+    /// Nodes are labelled `zone: zone-{i % zones}`.
+    pub zones: usize,
+    pub heartbeat: Duration,
+}
+
+fn kind(name: &str) -> Result<&'static KindInfo, ClientError> {
+    KindInfo::find(name).ok_or_else(|| ClientError::Setup(format!("no kind {name}")))
+}
+
+/// Runs the hollow nodes until the process ends. The client must use the
+/// join token (each request names the node it acts for).
+pub async fn simulate(client: Client, sim: Simulation) -> Result<(), ClientError> {
+    let nodes: Vec<String> = (0..sim.nodes)
+        .map(|i| format!("{}{i}", sim.prefix))
+        .collect();
+    for (i, name) in nodes.iter().enumerate() {
+        register(&client.with_node(name), name, &sim, i).await?;
+    }
+    tracing::info!(nodes = nodes.len(), "Hollow nodes registered");
+    // Instances this process has reported running, by `ns/name`.
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    for name in &nodes {
+        let (client, name, every) = (client.with_node(name), name.clone(), sim.heartbeat);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = client
+                    .raw(
+                        skiff_client::Method::PUT,
+                        &format!("/apis/skiff.dev/v1/nodes/{name}/heartbeat"),
+                        None,
+                    )
+                    .await
+                {
+                    tracing::warn!(node.name = %name, error = %e, "Heartbeat failed");
+                }
+            }
+        });
+    }
+    let mine: HashSet<String> = nodes.iter().cloned().collect();
+    // Reads act for the first node (a join-token request must name one).
+    let client = match nodes.first() {
+        Some(first) => client.with_node(first),
+        None => return Ok(()),
+    };
+    let instances = kind("instances")?;
+    let list = client.list(instances, None, None).await?;
+    for v in &list.items {
+        report(&client, &mine, v, &running).await;
+    }
+    let mut watch = client.watch(instances, None, None, list.revision);
+    while let Some(event) = watch.next().await {
+        let event = event?;
+        match event.kind {
+            EventType::Added | EventType::Modified => {
+                report(&client, &mine, &event.object, &running).await
+            }
+            EventType::Deleted => {
+                let id = id_of(&event.object);
+                if running.lock().await.remove(&id) {
+                    tracing::info!(instance = %id, "Stopped (deleted)");
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn id_of(v: &Value) -> String {
+    format!(
+        "{}/{}",
+        v.pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+        v.pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    )
+}
+
+async fn register(
+    client: &Client,
+    name: &str,
+    sim: &Simulation,
+    i: usize,
+) -> Result<(), ClientError> {
+    let nodes = kind("nodes")?;
+    let node = json!({
+        "apiVersion": "skiff.dev/v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"zone": format!("zone-{}", i % sim.zones.max(1)), "skiff.dev/hollow": "true"}},
+        "spec": {},
+        "status": {"capacity": {"cpu": sim.cpu, "memory": sim.memory}, "allocatable": {"cpu": sim.cpu, "memory": sim.memory}, "ready": true, "generation": 0},
+    });
+    match client.create(nodes, None, &node).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.status() == Some(409) => {
+            // Known from before: keep its fencing generation, refresh the rest.
+            let current = client.get(nodes, None, name).await?.unwrap_or_default();
+            let mut update = node.clone();
+            update["status"]["generation"] = current
+                .pointer("/status/generation")
+                .cloned()
+                .unwrap_or(json!(0));
+            client
+                .update_status(nodes, None, name, &update)
+                .await
+                .map(|_| ())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Marks an instance assigned to one of our nodes as running and ready.
+async fn report(
+    client: &Client,
+    mine: &HashSet<String>,
+    v: &Value,
+    running: &Mutex<HashSet<String>>,
+) {
+    let Some(node) = v
+        .pointer("/spec/node")
+        .and_then(Value::as_str)
+        .filter(|n| mine.contains(*n))
+    else {
+        return;
+    };
+    let id = id_of(v);
+    if v.pointer("/status/phase").and_then(Value::as_str) == Some("running") {
+        running.lock().await.insert(id);
+        return;
+    }
+    let mut status = v.clone();
+    status["status"] = json!({"phase": "running", "ready": true, "restarts": 0});
+    let ns = v.pointer("/metadata/namespace").and_then(Value::as_str);
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let Ok(instances) = kind("instances") else {
+        return;
+    };
+    match client
+        .with_node(node)
+        .update_status(instances, ns, name, &status)
+        .await
+    {
+        Ok(_) => {
+            running.lock().await.insert(id.clone());
+            tracing::info!(instance = %id, node.name = %node, "Running (hollow)");
+        }
+        Err(e) => {
+            tracing::debug!(instance = %id, error = %e, "Status update failed; the watch will retry")
+        }
+    }
+}
