@@ -134,7 +134,7 @@ async fn replicas_fail_over_and_never_exceed_the_count() {
     a.kill();
     until(&c, "node-a lost and its replicas replaced", async |c| {
         let r = running(c).await;
-        r.get("node-a-0").is_none() && r.values().sum::<usize>() == 6
+        !r.contains_key("node-a-0") && r.values().sum::<usize>() == 6
     })
     .await;
     let node = c
