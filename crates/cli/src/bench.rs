@@ -12,6 +12,10 @@ use skiff_netpol::bench::{Rng, synthetic};
 pub enum BenchCommand {
     /// Flow verdicts per second of the policy engine on one core.
     PolicyEval(PolicyEvalArgs),
+    /// Time from a node's death to its instances running elsewhere (hollow nodes).
+    Failover(crate::bench_cluster::FailoverArgs),
+    /// Control-plane cost of many hollow nodes and instances.
+    Cluster(crate::bench_cluster::ClusterArgs),
     /// Placements per second and packing quality of the scheduler.
     Scheduler(crate::bench_scheduler::SchedulerArgs),
     /// Acknowledged writes per second and watch delivery latency of the embedded store.
@@ -39,6 +43,8 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<u8> {
         BenchCommand::PolicyEval(a) => policy_eval(a),
         BenchCommand::Store(a) => crate::bench_store::run(a),
         BenchCommand::Scheduler(a) => crate::bench_scheduler::run(a),
+        BenchCommand::Failover(a) => crate::bench_cluster::failover(a),
+        BenchCommand::Cluster(a) => crate::bench_cluster::cluster(a),
     }
 }
 

@@ -3,6 +3,7 @@
 //! Every command returns its exit code; the binary only dispatches.
 
 pub mod bench;
+pub mod bench_cluster;
 mod bench_etcd;
 pub mod bench_scheduler;
 pub mod bench_store;

@@ -147,7 +147,11 @@ async fn replicas(store: Arc<EmbeddedStore>, mut shutdown: watch::Receiver<bool>
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
             e = changes.next() => match e {
-                Some(Ok(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+                // Agents' status reports (instance modifications) change
+                // nothing the replica count depends on.
+                Some(Ok(e)) if matches!(&*e, Event::Put(kv) if kv.key.starts_with("/registry/instances/") && kv.create_revision != kv.mod_revision) => continue,
+                // Let a burst of changes settle into one pass.
+                Some(Ok(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
                 Some(Err(_)) => match store.watch("/registry/", store.revision()).await {
                     Ok(w) => changes = w,
                     Err(_) => return,
@@ -268,6 +272,7 @@ pub async fn reconcile(store: &EmbeddedStore) -> Result<(), StoreError> {
             }
         }
     }
+    let mut creates: Vec<(String, Bytes)> = Vec::new();
     for ((ns, svc), spec) in &services {
         let live = by_service
             .remove(&(ns.clone(), svc.clone()))
@@ -327,18 +332,30 @@ pub async fn reconcile(store: &EmbeddedStore) -> Result<(), StoreError> {
                 "spec": spec_json,
                 "status": {"phase": "pending", "ready": false, "restarts": 0, "message": message},
             });
-            store
-                .create(
-                    &format!("/registry/instances/{ns}/{name}"),
-                    Bytes::from(v.to_string()),
-                    None,
-                )
-                .await?;
-            match node {
-                Some(n) => tracing::info!(instance = %name, node.name = %n, "Scheduled"),
+            match &node {
+                Some(n) => tracing::debug!(instance = %name, node.name = %n, "Scheduled"),
                 None => tracing::warn!(instance = %name, reason = %message, "Unschedulable"),
             }
+            creates.push((
+                format!("/registry/instances/{ns}/{name}"),
+                Bytes::from(v.to_string()),
+            ));
         }
+    }
+    // Written concurrently so the store can commit many per fsync.
+    for chunk in creates.chunks(512) {
+        let results = futures_util::future::join_all(
+            chunk
+                .iter()
+                .map(|(key, value)| store.create(key, value.clone(), None)),
+        )
+        .await;
+        for r in results {
+            r?;
+        }
+    }
+    if !creates.is_empty() {
+        tracing::info!(instances = creates.len(), "Created instances");
     }
     Ok(())
 }

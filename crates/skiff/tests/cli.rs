@@ -420,3 +420,27 @@ fn bench_scheduler_prints_json() {
     assert_eq!(placed + v["unschedulable"].as_u64().unwrap(), 1000);
     assert!(placed > 500, "{v}");
 }
+
+#[test]
+fn bench_failover_prints_json() {
+    let out = skiff(&[
+        "bench",
+        "failover",
+        "--nodes",
+        "2",
+        "--replicas",
+        "2",
+        "--grace",
+        "1",
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["bench"], "failover");
+    assert_eq!(v["max_instances"], 2, "{v}");
+    assert!(
+        v["replaced_ready_s"].as_f64().unwrap() >= v["detect_s"].as_f64().unwrap(),
+        "{v}"
+    );
+}

@@ -1,0 +1,408 @@
+//! `skiff bench failover` and `skiff bench cluster`: the control plane
+//! with hollow nodes (`skiff agent --simulate`), all as real processes on
+//! this machine. Hollow nodes report instances running without starting
+//! them, so these measure the control plane: detection, rescheduling,
+//! fan-out, and its cost at scale.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use skiff_api::KindInfo;
+use skiff_client::{Client, ClientConfig, EventType};
+
+#[derive(Debug, Args)]
+pub struct FailoverArgs {
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    #[arg(long, default_value_t = 6)]
+    pub replicas: u32,
+    /// Seconds without heartbeats before a node is lost.
+    #[arg(long, default_value_t = 3.0)]
+    pub grace: f64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    #[arg(long, default_value_t = 1000)]
+    pub hollow_nodes: usize,
+    #[arg(long, default_value_t = 30_000)]
+    pub instances: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Cluster {
+    server: Proc,
+    dir: tempfile::TempDir,
+    url: String,
+    client: Client,
+}
+
+fn kind(name: &str) -> anyhow::Result<&'static KindInfo> {
+    KindInfo::find(name).with_context(|| format!("no kind {name}"))
+}
+
+fn start_server(grace: f64) -> anyhow::Result<Cluster> {
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args([
+            "server",
+            "--no-write-config",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-grace",
+            &grace.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .env("SKIFF_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let server = Proc(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let url = line
+        .trim()
+        .strip_prefix("skiff server listening on ")
+        .with_context(|| format!("server said {line:?}"))?
+        .to_string();
+    let client = Client::new(&ClientConfig::load(&dir.path().join("data/admin.config"))?)?;
+    Ok(Cluster {
+        server,
+        dir,
+        url,
+        client,
+    })
+}
+
+impl Cluster {
+    fn agent(&self, prefix: &str, nodes: usize, cpu: &str, memory: &str) -> anyhow::Result<Proc> {
+        let data = self.dir.path().join("data");
+        let token = std::fs::read_to_string(data.join("join-token"))?;
+        let child = Command::new(std::env::current_exe()?)
+            .args([
+                "agent",
+                "--server",
+                &self.url,
+                "--join-token",
+                token.trim(),
+                "--simulate",
+                &nodes.to_string(),
+                "--node-prefix",
+                prefix,
+                "--cpu",
+                cpu,
+                "--memory",
+                memory,
+                "--ca-file",
+            ])
+            .arg(data.join("pki/ca.crt"))
+            .env("SKIFF_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Proc(child))
+    }
+
+    async fn ready_nodes(&self) -> anyhow::Result<usize> {
+        Ok(self
+            .client
+            .list(kind("nodes")?, None, None)
+            .await?
+            .items
+            .iter()
+            .filter(|n| n["status"]["ready"] == true)
+            .count())
+    }
+
+    /// Polls `done` every `every` until it holds (or fails after `limit`).
+    async fn wait(
+        &self,
+        what: &str,
+        every: Duration,
+        limit: Duration,
+        mut done: impl AsyncFnMut(&Cluster) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while !done(self).await? {
+            if started.elapsed() > limit {
+                bail!("timed out after {}s waiting for {what}", limit.as_secs());
+            }
+            tokio::time::sleep(every).await;
+        }
+        Ok(())
+    }
+}
+
+fn service(ns: &str, name: &str, replicas: usize, cpu: &str, memory: &str) -> Value {
+    json!({
+        "apiVersion": "skiff.dev/v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"replicas": replicas, "run": {"command": "/bin/app"}, "resources": {"requests": {"cpu": cpu, "memory": memory}},
+                 "placement": {"spread": [{"topologyKey": "hostname", "maxSkew": 1, "mode": "soft"}]}},
+    })
+}
+
+fn running_on(items: &[Value], not_on: Option<&str>) -> usize {
+    items
+        .iter()
+        .filter(|i| {
+            i["status"]["phase"] == "running" && not_on.is_none_or(|n| i["spec"]["node"] != n)
+        })
+        .count()
+}
+
+pub fn failover(args: &FailoverArgs) -> anyhow::Result<u8> {
+    anyhow::ensure!(args.nodes >= 2, "--nodes must be at least 2");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let out = runtime.block_on(async {
+        let c = start_server(args.grace)?;
+        let mut agents: Vec<Option<Proc>> = Vec::new();
+        for i in 0..args.nodes {
+            agents.push(Some(c.agent(&format!("node-{i}-"), 1, "8", "32Gi")?));
+        }
+        let n = args.nodes;
+        c.wait(
+            "nodes",
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+            async |c| Ok(c.ready_nodes().await? == n),
+        )
+        .await?;
+        let instances = kind("instances")?;
+        c.client
+            .create(
+                kind("services")?,
+                Some("bench"),
+                &service("bench", "web", args.replicas as usize, "100m", "64Mi"),
+            )
+            .await?;
+        let r = args.replicas as usize;
+        c.wait(
+            "replicas running",
+            Duration::from_millis(50),
+            Duration::from_secs(60),
+            async |c| {
+                Ok(running_on(
+                    &c.client.list(instances, Some("bench"), None).await?.items,
+                    None,
+                ) == r)
+            },
+        )
+        .await?;
+
+        // Count instance objects from here on, from the watch.
+        let list = c.client.list(instances, Some("bench"), None).await?;
+        let mut live = list.items.len() as i64;
+        let mut watch = c
+            .client
+            .watch(instances, Some("bench"), None, list.revision);
+        let (tx, mut peak_rx) = tokio::sync::watch::channel(live);
+        tokio::spawn(async move {
+            let mut peak = live;
+            while let Some(Ok(e)) = watch.next().await {
+                match e.kind {
+                    EventType::Added => live += 1,
+                    EventType::Deleted => live -= 1,
+                    _ => continue,
+                }
+                peak = peak.max(live);
+                let _ = tx.send(peak);
+            }
+        });
+
+        let victim = "node-0-0";
+        let killed = Instant::now();
+        agents[0] = None;
+        let nodes = kind("nodes")?;
+        c.wait(
+            "the lost node",
+            Duration::from_millis(20),
+            Duration::from_secs(60),
+            async |c| {
+                Ok(c.client
+                    .get(nodes, None, victim)
+                    .await?
+                    .is_some_and(|n| n["status"]["ready"] == false))
+            },
+        )
+        .await?;
+        let detect = killed.elapsed();
+        c.wait(
+            "replacements running",
+            Duration::from_millis(20),
+            Duration::from_secs(60),
+            async |c| {
+                Ok(running_on(
+                    &c.client.list(instances, Some("bench"), None).await?.items,
+                    Some(victim),
+                ) == r)
+            },
+        )
+        .await?;
+        let replaced = killed.elapsed();
+        let peak = *peak_rx.borrow_and_update();
+        drop(c.server);
+        anyhow::Ok(json!({
+            "bench": "failover",
+            "nodes": args.nodes,
+            "replicas": args.replicas,
+            "grace_s": args.grace,
+            "detect_s": (detect.as_secs_f64() * 1000.0).round() / 1000.0,
+            "replaced_ready_s": (replaced.as_secs_f64() * 1000.0).round() / 1000.0,
+            "max_instances": peak,
+            "runtime": "hollow nodes (control plane only)",
+        }))
+    })?;
+    println!("{out}");
+    Ok(0)
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status =
+        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kb / 1024.0).round())
+}
+
+pub fn cluster(args: &ClusterArgs) -> anyhow::Result<u8> {
+    anyhow::ensure!(
+        args.hollow_nodes >= 1 && args.instances >= 1,
+        "--hollow-nodes and --instances must be at least 1"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let out = runtime.block_on(async {
+        let c = start_server(3.0)?;
+        let _agent = c.agent("hollow-", args.hollow_nodes, "32", "128Gi")?;
+        let n = args.hollow_nodes;
+        c.wait(
+            "hollow nodes",
+            Duration::from_millis(200),
+            Duration::from_secs(300),
+            async |c| Ok(c.ready_nodes().await? == n),
+        )
+        .await?;
+        let (services, instances) = (kind("services")?, kind("instances")?);
+        // API latency while the cluster fills: a GET every 50 ms.
+        let probe = c.client.clone();
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let prober = tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while !*stop_rx.borrow_and_update() {
+                let t = Instant::now();
+                let _ = probe.list(services, Some("bench"), None).await;
+                latencies.push(t.elapsed());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            latencies
+        });
+        // Count instances reaching "running" from a watch, not by listing
+        // 30,000 objects again and again (which would load the server itself).
+        let mut watch = c.client.watch(
+            instances,
+            Some("bench"),
+            None,
+            c.client
+                .list(instances, Some("bench"), None)
+                .await?
+                .revision,
+        );
+        let total = args.instances;
+        let counter = tokio::spawn(async move {
+            let mut running = std::collections::HashSet::new();
+            while running.len() < total {
+                match watch.next().await {
+                    Some(Ok(e))
+                        if e.kind == EventType::Modified
+                            && e.object["status"]["phase"] == "running" =>
+                    {
+                        running.insert(
+                            e.object["metadata"]["name"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .to_string(),
+                        );
+                    }
+                    Some(Ok(e)) if e.kind == EventType::Deleted => {
+                        running.remove(e.object["metadata"]["name"].as_str().unwrap_or_default());
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(anyhow::Error::from(e)),
+                    None => bail!("watch ended"),
+                }
+            }
+            anyhow::Ok(Instant::now())
+        });
+        let started = Instant::now();
+        let per = 100;
+        let mut remaining = args.instances;
+        let mut i = 0;
+        while remaining > 0 {
+            let replicas = per.min(remaining);
+            c.client
+                .create(
+                    services,
+                    Some("bench"),
+                    &service("bench", &format!("svc-{i}"), replicas, "100m", "128Mi"),
+                )
+                .await?;
+            remaining -= replicas;
+            i += 1;
+        }
+        let done = tokio::time::timeout(Duration::from_secs(600), counter)
+            .await
+            .context("timed out waiting for all instances to run")???;
+        let all_running = done - started;
+        let _ = stop_tx.send(true);
+        let mut latencies = prober.await?;
+        latencies.sort_unstable();
+        let p99 = latencies
+            .get(latencies.len() * 99 / 100)
+            .copied()
+            .unwrap_or_default();
+        let rss = peak_rss_mb(c.server.0.id());
+        anyhow::Ok(json!({
+            "bench": "cluster",
+            "nodes": args.hollow_nodes,
+            "instances": args.instances,
+            "all_running_s": (all_running.as_secs_f64() * 10.0).round() / 10.0,
+            "server_rss_mb": rss,
+            "api_p99_ms": (p99.as_secs_f64() * 1e4).round() / 10.0,
+            "api_samples": latencies.len(),
+            "runtime": "hollow nodes (control plane only)",
+        }))
+    })?;
+    println!("{out}");
+    Ok(0)
+}
