@@ -481,3 +481,86 @@ pub fn diff(args: &DiffArgs) -> anyhow::Result<u8> {
         Ok(if differs { exit::FAILED } else { exit::OK })
     })
 }
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    pub node: String,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+/// `skiff cordon NODE` / `uncordon`: stop or resume placing instances there.
+pub fn cordon(args: &NodeArgs, unschedulable: bool) -> anyhow::Result<u8> {
+    let client = args.connection.client()?;
+    runtime()?.block_on(async {
+        set_unschedulable(&client, &args.node, unschedulable).await?;
+        println!(
+            "Node {} {}",
+            args.node,
+            if unschedulable {
+                "cordoned"
+            } else {
+                "uncordoned"
+            }
+        );
+        Ok(exit::OK)
+    })
+}
+
+async fn set_unschedulable(client: &Client, node: &str, unschedulable: bool) -> anyhow::Result<()> {
+    let nodes = kind("nodes")?;
+    for _ in 0..5 {
+        let mut v = client
+            .get(nodes, None, node)
+            .await?
+            .with_context(|| format!("Node {node} not found"))?;
+        v["spec"]["unschedulable"] = Value::Bool(unschedulable);
+        match client.update(nodes, None, node, &v).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.status() == Some(409) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    bail!("Node {node} keeps changing; try again")
+}
+
+/// `skiff drain NODE`: cordon, then move its instances off one at a time,
+/// each only after its service is back to full strength elsewhere.
+pub fn drain(args: &NodeArgs) -> anyhow::Result<u8> {
+    let client = args.connection.client()?;
+    runtime()?.block_on(async {
+        set_unschedulable(&client, &args.node, true).await?;
+        println!("Node {} cordoned", args.node);
+        let instances = kind("instances")?;
+        let on_node = |items: &[Value]| -> Vec<(String, String, String)> {
+            items
+                .iter()
+                .filter(|i| i.pointer("/spec/node").and_then(Value::as_str) == Some(args.node.as_str()))
+                .map(|i| (text(i.pointer("/metadata/namespace")), text(i.pointer("/metadata/name")), text(i.pointer("/spec/service"))))
+                .collect()
+        };
+        let list = client.list(instances, None, None).await?;
+        for (ns, name, service) in on_node(&list.items) {
+            // Ready instances of the service; the node is cordoned, so
+            // replacements land elsewhere.
+            let ready = |items: &[Value]| items.iter().filter(|i| text(i.pointer("/spec/service")) == service && i.pointer("/status/ready") == Some(&Value::Bool(true))).count();
+            let before = ready(&client.list(instances, Some(&ns), None).await?.items);
+            client.delete(instances, Some(&ns), &name).await?;
+            println!("Instance {ns}/{name} evicted");
+            // Wait until the service is as available as before, elsewhere.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            loop {
+                let items = client.list(instances, Some(&ns), None).await?.items;
+                if ready(&items) >= before && items.iter().all(|i| text(i.pointer("/metadata/name")) != name) {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!("{ns}/{service} did not recover within 2 minutes; stopping the drain (the node stays cordoned)");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+        println!("Node {} drained", args.node);
+        Ok(exit::OK)
+    })
+}

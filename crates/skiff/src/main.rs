@@ -38,6 +38,12 @@ enum Command {
     Delete(resources::DeleteArgs),
     /// Show how the cluster differs from manifests (exit 1 if it does).
     Diff(resources::DiffArgs),
+    /// Place no new instances on a node.
+    Cordon(resources::NodeArgs),
+    /// Place instances on a node again.
+    Uncordon(resources::NodeArgs),
+    /// Cordon a node and move its instances off, one at a time, each once its service recovered elsewhere.
+    Drain(resources::NodeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,6 +110,9 @@ fn main() -> ExitCode {
         Command::Get(args) => resources::get(args),
         Command::Delete(args) => resources::delete(args),
         Command::Diff(args) => resources::diff(args),
+        Command::Cordon(args) => resources::cordon(args, true),
+        Command::Uncordon(args) => resources::cordon(args, false),
+        Command::Drain(args) => resources::drain(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -225,3 +225,63 @@ async fn a_service_too_big_for_any_node_stays_pending_with_the_reason() {
     );
     assert!(inst.pointer("/spec/node").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_moves_instances_off_and_cordon_keeps_new_ones_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 0);
+    let c = server.client();
+    let _agents = Agent::start(&server, "node-", 3);
+    until(&c, "three ready nodes", async |c| {
+        c.list(kind("nodes"), None, None)
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|n| n["status"]["ready"] == true)
+            .count()
+            == 3
+    })
+    .await;
+    c.create(kind("services"), Some("shop"), &service(6, "500m"))
+        .await
+        .unwrap();
+    until(&c, "6 running, 2 per node", async |c| {
+        running(c).await.values().copied().collect::<Vec<_>>() == [2, 2, 2]
+    })
+    .await;
+
+    let config = server.admin_config_path();
+    let cli = move |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let out = tokio::task::spawn_blocking(move || cli(&["drain", "node-1"]))
+        .await
+        .unwrap();
+    assert!(
+        out.contains("Node node-1 cordoned") && out.contains("Node node-1 drained"),
+        "{out}"
+    );
+    assert_eq!(out.matches(" evicted").count(), 2, "{out}");
+    let r = running(&c).await;
+    assert_eq!(
+        (r.get("node-1"), r.values().sum::<usize>()),
+        (None, 6),
+        "{r:?}"
+    );
+    assert_eq!(
+        c.get(kind("nodes"), None, "node-1").await.unwrap().unwrap()["spec"]["unschedulable"],
+        true
+    );
+}
