@@ -56,6 +56,20 @@ async fn running(c: &Client) -> BTreeMap<String, usize> {
     out
 }
 
+async fn until_ready_nodes(c: &Client, n: usize) {
+    until(c, &format!("{n} ready nodes"), async |c| {
+        c.list(kind("nodes"), None, None)
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|x| x["status"]["ready"] == true)
+            .count()
+            == n
+    })
+    .await;
+}
+
 /// Polls `check` after every change to instances or nodes until it holds.
 async fn until(c: &Client, what: &str, check: impl AsyncFn(&Client) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -87,17 +101,7 @@ async fn replicas_fail_over_and_never_exceed_the_count() {
     let mut a = Agent::start(&server, "node-a-", 1);
     let _b = Agent::start(&server, "node-b-", 1);
     let _c = Agent::start(&server, "node-c-", 1);
-    until(&c, "three ready nodes", async |c| {
-        c.list(kind("nodes"), None, None)
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .filter(|n| n["status"]["ready"] == true)
-            .count()
-            == 3
-    })
-    .await;
+    until_ready_nodes(&c, 3).await;
 
     // Count instance objects as they come and go: never more than 6.
     let live = Arc::new(AtomicI64::new(0));
@@ -190,17 +194,7 @@ async fn a_service_too_big_for_any_node_stays_pending_with_the_reason() {
     let server = Server::start(dir.path(), 0);
     let c = server.client();
     let _agents = Agent::start(&server, "node-", 2);
-    until(&c, "two ready nodes", async |c| {
-        c.list(kind("nodes"), None, None)
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .filter(|n| n["status"]["ready"] == true)
-            .count()
-            == 2
-    })
-    .await;
+    until_ready_nodes(&c, 2).await;
     c.create(kind("services"), Some("shop"), &service(1, "64"))
         .await
         .unwrap();
@@ -232,17 +226,7 @@ async fn drain_moves_instances_off_and_cordon_keeps_new_ones_away() {
     let server = Server::start(dir.path(), 0);
     let c = server.client();
     let _agents = Agent::start(&server, "node-", 3);
-    until(&c, "three ready nodes", async |c| {
-        c.list(kind("nodes"), None, None)
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .filter(|n| n["status"]["ready"] == true)
-            .count()
-            == 3
-    })
-    .await;
+    until_ready_nodes(&c, 3).await;
     c.create(kind("services"), Some("shop"), &service(6, "500m"))
         .await
         .unwrap();
