@@ -1,6 +1,9 @@
-//! Skiff's node agent. So far its hollow mode (as Kubemark and KWOK do):
-//! it registers simulated nodes, keeps their heartbeats going, and reports
-//! the instances assigned to them as running, without starting processes.
+//! Skiff's node agent. So far: its hollow mode (as Kubemark and KWOK do),
+//! which registers simulated nodes, keeps their heartbeats going and
+//! reports the instances assigned to them as running without starting
+//! processes; and the process supervisor the real runtime will use.
+
+pub mod supervise;
 
 use std::collections::HashSet;
 use std::sync::Arc;
