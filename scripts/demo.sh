@@ -22,8 +22,18 @@ export SKIFF_CONFIG="$work/config"
 server=$!
 for _ in $(seq 100); do grep -q listening "$work/server.out" 2>/dev/null && break; sleep 0.1; done
 cat "$work/server.out"
+"$skiff" agent --server "$(cut -d' ' -f5 "$work/server.out")" --ca-file "$work/data/pki/ca.crt" \
+  --join-token "$(cat "$work/data/join-token")" --simulate 3 --node-prefix hollow- 2> "$work/agent.log" &
+agent=$!
+trap 'kill "$agent" "$server" 2>/dev/null; wait "$agent" "$server" 2>/dev/null; rm -rf "$work"' EXIT
 run apply -f policies examples
 run apply -f policies
+sleep 2
+echo "(three hollow nodes, as Kubemark and KWOK do: they run nothing, they report running)"
+run get nodes
+run get instances -n shop -o wide
+echo "(why the pending ones wait: the reference Service wants disk=ssd nodes)"
+"$skiff" get instances -n shop -o yaml | grep -E "^  name:|message:" || true
 run get policies -n shop
 run get services -A -o wide
 run get policy payments -n shop -o yaml

@@ -78,6 +78,9 @@ impl fmt::Display for Unschedulable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut reasons: Vec<(&String, &usize)> = self.reasons.iter().collect();
         reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        if self.nodes == 0 {
+            return f.write_str("0/0 nodes fit: no ready nodes");
+        }
         let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
         write!(f, "0/{} nodes fit: {}", self.nodes, parts.join(", "))
     }

@@ -43,6 +43,14 @@ fn resources_must_fit() {
     let err = s.place(&inst("i2", "svc", 3000, 1)).unwrap_err();
     assert_eq!(err.to_string(), "0/2 nodes fit: 2 insufficient cpu");
     s.verify().unwrap();
+    let mut empty = Scheduler::new(vec![], full());
+    assert_eq!(
+        empty
+            .place(&inst("i", "svc", 1, 1))
+            .unwrap_err()
+            .to_string(),
+        "0/0 nodes fit: no ready nodes"
+    );
 }
 
 #[test]
