@@ -49,14 +49,7 @@ pub async fn simulate(client: Client, sim: Simulation) -> Result<(), ClientError
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                if let Err(e) = client
-                    .raw(
-                        skiff_client::Method::PUT,
-                        &format!("/apis/skiff.dev/v1/nodes/{name}/heartbeat"),
-                        None,
-                    )
-                    .await
-                {
+                if let Err(e) = client.heartbeat(&name).await {
                     tracing::warn!(node.name = %name, error = %e, "Heartbeat failed");
                 }
             }

@@ -40,6 +40,18 @@ async fn until(
     .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
+/// Waits (bounded) until the current log holds `text`. Log writes come
+/// from another task with no event to wait on, so this polls.
+async fn until_logged(dir: &std::path::Path, text: &str) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !log(dir).contains(text) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{text:?} never appeared in the log"));
+}
+
 fn log(dir: &std::path::Path) -> String {
     std::fs::read_to_string(dir.join("output.log")).unwrap_or_default()
 }
@@ -83,14 +95,8 @@ async fn stops_gracefully_then_forcibly() {
         matches!(st, State::Running { .. })
     })
     .await;
-    // Wait for the trap to be installed (the script says so).
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !log(dir.path()).contains("ready") {
-            tokio::time::sleep(Duration::from_millis(20)).await
-        }
-    })
-    .await
-    .unwrap();
+    // The script says "ready" once its trap is installed.
+    until_logged(dir.path(), "ready").await;
     let end = graceful.stop().await;
     assert_eq!(
         end,
@@ -112,13 +118,8 @@ async fn stops_gracefully_then_forcibly() {
         matches!(st, State::Running { .. })
     })
     .await;
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !log(dir.path()).contains("ready") {
-            tokio::time::sleep(Duration::from_millis(20)).await
-        }
-    })
-    .await
-    .unwrap();
+    // The script says "ready" once its trap is installed.
+    until_logged(dir.path(), "ready").await;
     let end = stubborn.stop().await;
     assert!(
         matches!(&end, State::Stopped { reason } if reason.contains("did not stop within 0.3s of SIGTERM: killed")),
@@ -154,16 +155,7 @@ async fn logs_rotate_within_their_bound() {
     spec.log_max_bytes = 1000;
     spec.log_files = 3;
     let s = Supervisor::start(spec);
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !std::fs::read_to_string(dir.path().join("output.log"))
-            .unwrap_or_default()
-            .contains("line-399")
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap();
+    until_logged(dir.path(), "line-399").await;
     s.stop().await;
     let mut names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()

@@ -111,7 +111,22 @@ fn policy_eval(args: &PolicyEvalArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn round(x: f64, digits: i32) -> f64 {
+/// `x` rounded to `digits` decimals, for readable JSON.
+pub(crate) fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
+}
+
+/// The `p` quantile (0–1) of `v` (nearest rank); zero for no samples.
+pub(crate) fn percentile(v: &mut [std::time::Duration], p: f64) -> std::time::Duration {
+    if v.is_empty() {
+        return std::time::Duration::ZERO;
+    }
+    v.sort_unstable();
+    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+/// Milliseconds with two decimals.
+pub(crate) fn ms(d: std::time::Duration) -> f64 {
+    round(d.as_secs_f64() * 1e3, 2)
 }

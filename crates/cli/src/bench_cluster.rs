@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 use skiff_api::KindInfo;
 use skiff_client::{Client, ClientConfig, EventType};
 
+use crate::bench::{percentile, round};
+
 #[derive(Debug, Args)]
 pub struct FailoverArgs {
     #[arg(long, default_value_t = 3)]
@@ -269,8 +271,8 @@ pub fn failover(args: &FailoverArgs) -> anyhow::Result<u8> {
             "nodes": args.nodes,
             "replicas": args.replicas,
             "grace_s": args.grace,
-            "detect_s": (detect.as_secs_f64() * 1000.0).round() / 1000.0,
-            "replaced_ready_s": (replaced.as_secs_f64() * 1000.0).round() / 1000.0,
+            "detect_s": round(detect.as_secs_f64(), 3),
+            "replaced_ready_s": round(replaced.as_secs_f64(), 3),
             "max_instances": peak,
             "runtime": "hollow nodes (control plane only)",
         }))
@@ -386,19 +388,15 @@ pub fn cluster(args: &ClusterArgs) -> anyhow::Result<u8> {
         let all_running = done - started;
         let _ = stop_tx.send(true);
         let mut latencies = prober.await?;
-        latencies.sort_unstable();
-        let p99 = latencies
-            .get(latencies.len() * 99 / 100)
-            .copied()
-            .unwrap_or_default();
+        let p99 = percentile(&mut latencies, 0.99);
         let rss = peak_rss_mb(c.server.0.id());
         anyhow::Ok(json!({
             "bench": "cluster",
             "nodes": args.hollow_nodes,
             "instances": args.instances,
-            "all_running_s": (all_running.as_secs_f64() * 10.0).round() / 10.0,
+            "all_running_s": round(all_running.as_secs_f64(), 1),
             "server_rss_mb": rss,
-            "api_p99_ms": (p99.as_secs_f64() * 1e4).round() / 10.0,
+            "api_p99_ms": round(p99.as_secs_f64() * 1e3, 1),
             "api_samples": latencies.len(),
             "runtime": "hollow nodes (control plane only)",
         }))

@@ -18,7 +18,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
-use crate::bench_store::{SAMPLE_EVERY, StoreArgs, ms, percentile};
+use crate::bench::{ms, percentile};
+use crate::bench_store::{SAMPLE_EVERY, StoreArgs};
 
 type Http = Client<HttpConnector, Full<Bytes>>;
 

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde_json::{Value, json};
 use skiff_netpol::bench::Rng;
+
+use crate::bench::{percentile, round};
 use skiff_scheduler::{
     AntiAffinity, CPU, Config, HOSTNAME, Instance, MEMORY, Node, Res, Sampling, Scheduler, Spread,
 };
@@ -156,11 +158,7 @@ fn run_once(
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    let p99 = latencies
-        .get((latencies.len() * 99 / 100).min(latencies.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default();
+    let p99 = percentile(&mut latencies, 0.99);
     let (mut used, mut cap) = ([0u128; 2], [0u128; 2]);
     let mut overcommitted = 0;
     for (i, n) in s.nodes().iter().enumerate() {
@@ -192,8 +190,9 @@ fn run_once(
     }
 }
 
+/// A fraction as a percentage with one decimal.
 fn pct(x: f64) -> f64 {
-    (x * 1000.0).round() / 10.0
+    round(x * 100.0, 1)
 }
 
 pub fn run(args: &SchedulerArgs) -> anyhow::Result<u8> {

@@ -11,6 +11,8 @@ use bytes::Bytes;
 use clap::Args;
 use skiff_store::{Config, EmbeddedStore, Store};
 
+use crate::bench::{ms, percentile, round};
+
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// Concurrent writers.
@@ -169,18 +171,6 @@ async fn measure(args: &StoreArgs) -> anyhow::Result<serde_json::Value> {
         "watch_samples": delivery.len(),
         "watchers_incomplete": incomplete,
         "commits": stats.commits,
-        "writes_per_commit": ((stats.writes as f64 / stats.commits.max(1) as f64) * 10.0).round() / 10.0,
+        "writes_per_commit": round(stats.writes as f64 / stats.commits.max(1) as f64, 1),
     }))
-}
-
-pub(crate) fn percentile(v: &mut [Duration], p: f64) -> Duration {
-    if v.is_empty() {
-        return Duration::ZERO;
-    }
-    v.sort_unstable();
-    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
-}
-
-pub(crate) fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e5).round() / 100.0
 }

@@ -302,6 +302,19 @@ impl Client {
         .await
     }
 
+    /// Tells the server the node is alive (renews its lease); answers with
+    /// the node's fencing generation.
+    pub async fn heartbeat(&self, node: &str) -> Result<Value> {
+        let nodes =
+            KindInfo::find("nodes").ok_or_else(|| ClientError::Setup("no Node kind".into()))?;
+        self.call(
+            Method::PUT,
+            &format!("{}/heartbeat", path(nodes, None, Some(node))),
+            None,
+        )
+        .await
+    }
+
     pub async fn delete(
         &self,
         kind: &KindInfo,

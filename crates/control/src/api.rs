@@ -45,13 +45,23 @@ pub struct AppState {
 /// Where a node's liveness lease lives; the node lifecycle controller watches it.
 pub const NODE_LEASES: &str = "/leases/nodes/";
 
+/// The part of an object a path names beyond the object itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sub {
+    None,
+    /// `/status`: only the status changes.
+    Status,
+    /// `/heartbeat` (nodes): renews the node's liveness lease.
+    Heartbeat,
+}
+
 /// What a path names.
 #[derive(Debug)]
 struct Target {
     kind: &'static KindInfo,
     namespace: Option<String>,
     name: Option<String>,
-    status: bool,
+    sub: Sub,
 }
 
 impl Target {
@@ -119,34 +129,23 @@ async fn dispatch(state: &Arc<AppState>, req: Request) -> Result<Response, ApiEr
         )
             .into_response());
     }
-    if let Some(node) = path
-        .strip_prefix("/apis/skiff.dev/v1/nodes/")
-        .and_then(|p| p.strip_suffix("/heartbeat"))
-    {
-        if req.method() != Method::PUT {
-            return Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "heartbeats are PUT",
-            ));
-        }
-        return heartbeat(state, &who, node).await;
-    }
     let target = parse_path(&path)?;
     let query = Query::parse(req.uri().query().unwrap_or_default())?;
     let method = req.method().clone();
-    match (method, &target.name, target.status) {
-        (Method::GET, Some(_), false) => get(state, &who, &target).await,
+    match (method, &target.name, target.sub) {
+        (Method::PUT, Some(node), Sub::Heartbeat) => heartbeat(state, &who, &target, node).await,
+        (Method::GET, Some(_), Sub::None) => get(state, &who, &target).await,
         (Method::GET, None, _) if query.watch => watch_stream(state, &who, &target, &query).await,
         (Method::GET, None, _) => list(state, &who, &target, &query).await,
         (Method::POST, None, _) => {
             let body = read_body(req).await?;
             create(state, &who, &target, &body).await
         }
-        (Method::PUT, Some(_), status) => {
+        (Method::PUT, Some(_), sub @ (Sub::None | Sub::Status)) => {
             let body = read_body(req).await?;
-            update(state, &who, &target, &body, status).await
+            update(state, &who, &target, &body, sub == Sub::Status).await
         }
-        (Method::DELETE, Some(_), false) => delete(state, &who, &target).await,
+        (Method::DELETE, Some(_), Sub::None) => delete(state, &who, &target).await,
         (m, _, _) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{m} is not supported on {path}"),
@@ -169,10 +168,11 @@ fn parse_path(path: &str) -> Result<Target, ApiError> {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
         _ => (None, rest),
     };
-    let (plural, name, status) = match rest {
-        [plural] => (*plural, None, false),
-        [plural, name] => (*plural, Some(name.to_string()), false),
-        [plural, name, "status"] => (*plural, Some(name.to_string()), true),
+    let (plural, name, sub) = match rest {
+        [plural] => (*plural, None, Sub::None),
+        [plural, name] => (*plural, Some(name.to_string()), Sub::None),
+        [plural, name, "status"] => (*plural, Some(name.to_string()), Sub::Status),
+        [plural, name, "heartbeat"] => (*plural, Some(name.to_string()), Sub::Heartbeat),
         _ => return Err(not_found()),
     };
     let Some(kind) = KINDS
@@ -200,14 +200,20 @@ fn parse_path(path: &str) -> Result<Target, ApiError> {
             kind.kind
         )));
     }
-    if status && !kind.has_status {
+    if sub == Sub::Status && !kind.has_status {
         return Err(ApiError::not_found(format!("{} has no status", kind.kind)));
+    }
+    if sub == Sub::Heartbeat && kind.kind != "Node" {
+        return Err(ApiError::not_found(format!(
+            "{} has no heartbeat; only nodes do",
+            kind.kind
+        )));
     }
     Ok(Target {
         kind,
         namespace,
         name,
-        status,
+        sub,
     })
 }
 
@@ -435,7 +441,7 @@ async fn create(
             .or_else(|| r.metadata().namespace.clone())
             .filter(|_| t.kind.namespaced),
         name: Some(name),
-        status: false,
+        sub: Sub::None,
     };
     if t.kind.namespaced && t.namespace.is_none() {
         return Err(ApiError::bad_request(format!(
@@ -546,10 +552,14 @@ async fn delete(state: &AppState, who: &Principal, t: &Target) -> Result<Respons
 
 /// A node agent says it is alive: its lease is renewed (or created again
 /// after it was lost). Answers with the node's fencing generation.
-async fn heartbeat(state: &AppState, who: &Principal, node: &str) -> Result<Response, ApiError> {
-    let kind = KindInfo::find("nodes").ok_or_else(|| ApiError::internal("no Node kind"))?;
-    authorize(who, Verb::Update, kind, None, Some(node), None)?;
-    let Some(kv) = state.store.get(&format!("/registry/nodes/{node}")).await? else {
+async fn heartbeat(
+    state: &AppState,
+    who: &Principal,
+    t: &Target,
+    node: &str,
+) -> Result<Response, ApiError> {
+    authorize(who, Verb::Update, t.kind, None, Some(node), None)?;
+    let Some(kv) = state.store.get(&t.key()).await? else {
         return Err(ApiError::not_found(format!(
             "Node {node} not found: register it (POST the Node) first"
         )));

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use skiff_api::Resource;
 use skiff_api::quantity::Quantity;
-use skiff_api::service::{Enforcement, ServiceSpec, TolerationOperator};
+use skiff_api::service::{Enforcement, ServiceSpec, TaintEffect, TolerationOperator};
 use skiff_scheduler as sched;
 use skiff_store::{EmbeddedStore, Event, Store, StoreError};
 use tokio::sync::watch;
@@ -389,6 +389,14 @@ fn quantity(v: Option<&Value>) -> Option<Quantity> {
         .and_then(|s| Quantity::parse(s).ok())
 }
 
+fn effect(e: TaintEffect) -> sched::Effect {
+    match e {
+        TaintEffect::NoSchedule => sched::Effect::NoSchedule,
+        TaintEffect::PreferNoSchedule => sched::Effect::PreferNoSchedule,
+        TaintEffect::NoExecute => sched::Effect::NoExecute,
+    }
+}
+
 fn scheduler_node(name: &str, v: &Value) -> sched::Node {
     let resources = v
         .pointer("/status/allocatable")
@@ -414,11 +422,12 @@ fn scheduler_node(name: &str, v: &Value) -> sched::Node {
                 .map(|t| sched::Taint {
                     key: t["key"].as_str().unwrap_or_default().into(),
                     value: t["value"].as_str().unwrap_or_default().into(),
-                    effect: match t["effect"].as_str() {
-                        Some("PreferNoSchedule") => sched::Effect::PreferNoSchedule,
-                        Some("NoExecute") => sched::Effect::NoExecute,
-                        _ => sched::Effect::NoSchedule,
-                    },
+                    effect: effect(
+                        t["effect"]
+                            .as_str()
+                            .and_then(TaintEffect::parse)
+                            .unwrap_or_default(),
+                    ),
                 })
                 .collect()
         })
@@ -456,13 +465,7 @@ fn scheduler_instance(ns: &str, service: &str, name: &str, spec: &ServiceSpec) -
             key: t.key.clone(),
             exists: t.operator == TolerationOperator::Exists,
             value: t.value.clone(),
-            effect: t.effect.map(|e| match e {
-                skiff_api::service::TaintEffect::NoSchedule => sched::Effect::NoSchedule,
-                skiff_api::service::TaintEffect::PreferNoSchedule => {
-                    sched::Effect::PreferNoSchedule
-                }
-                skiff_api::service::TaintEffect::NoExecute => sched::Effect::NoExecute,
-            }),
+            effect: t.effect.map(effect),
         })
         .collect();
     inst.spread = p

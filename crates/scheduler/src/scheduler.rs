@@ -112,6 +112,7 @@ struct Placed {
 /// A topology key's domains: node → domain index (`None` without the label).
 #[derive(Debug, Clone)]
 struct Topology {
+    key: String,
     of_node: Vec<Option<usize>>,
     names: Vec<String>,
 }
@@ -146,13 +147,23 @@ pub struct Scheduler {
 
 /// Why one node cannot take an instance; `None` means it can.
 #[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Cheap to make (no strings): placement asks this of many nodes; only
+/// [`Scheduler::explain`] turns refusals into words.
 enum Refusal {
     Cordoned,
     Selector,
-    Taint(String),
-    Resources(Vec<&'static str>),
-    AntiAffinity(String),
-    Spread(String),
+    /// Index of the untolerated taint in the node's taints.
+    Taint(usize),
+    /// Bit `d` set for each resource dimension that is short.
+    Resources(u8),
+    /// The topology whose domain is full.
+    AntiAffinity(usize),
+    /// The topology, and whether the node lacks its label altogether.
+    Spread {
+        topology: usize,
+        unlabelled: bool,
+    },
 }
 
 const RESOURCE_NAMES: [&str; DIMS] = [
@@ -246,7 +257,11 @@ impl Scheduler {
             })
             .collect();
         let id = self.topologies.len();
-        self.topologies.push(Topology { of_node, names });
+        self.topologies.push(Topology {
+            key: key.to_string(),
+            of_node,
+            names,
+        });
         self.topology_ids.insert(key.to_string(), id);
         id
     }
@@ -307,10 +322,9 @@ impl Scheduler {
         }
         let free = n.capacity.sub(&self.used[node]);
         if !inst.requests.fits_in(&free) {
-            let short: Vec<&'static str> = (0..DIMS)
+            let short = (0..DIMS)
                 .filter(|&d| inst.requests.0[d] > free.0[d])
-                .map(|d| RESOURCE_NAMES[d])
-                .collect();
+                .fold(0u8, |bits, d| bits | (1 << d));
             return Some(Refusal::Resources(short));
         }
         for &(topo, max, hard) in &service.anti {
@@ -320,7 +334,7 @@ impl Scheduler {
             if let Some(d) = self.topologies[topo].of_node[node]
                 && service.counts[&topo].counts[d] >= max
             {
-                return Some(Refusal::AntiAffinity(self.topology_key(topo)));
+                return Some(Refusal::AntiAffinity(topo));
             }
         }
         for &(topo, max_skew, hard) in &service.spread {
@@ -328,25 +342,24 @@ impl Scheduler {
                 continue;
             }
             let Some(d) = self.topologies[topo].of_node[node] else {
-                return Some(Refusal::Spread(format!(
-                    "node has no {} label",
-                    self.topology_key(topo)
-                )));
+                return Some(Refusal::Spread {
+                    topology: topo,
+                    unlabelled: true,
+                });
             };
             let c = &service.counts[&topo];
             if c.counts[d] + 1 > c.min + max_skew {
-                return Some(Refusal::Spread(self.topology_key(topo)));
+                return Some(Refusal::Spread {
+                    topology: topo,
+                    unlabelled: false,
+                });
             }
         }
         None
     }
 
-    fn topology_key(&self, topo: usize) -> String {
-        self.topology_ids
-            .iter()
-            .find(|(_, id)| **id == topo)
-            .map(|(k, _)| k.clone())
-            .unwrap_or_default()
+    fn topology_key(&self, topo: usize) -> &str {
+        &self.topologies[topo].key
     }
 
     /// Higher is better, 0–600.
@@ -536,15 +549,37 @@ impl Scheduler {
                 None => continue,
                 Some(Refusal::Cordoned) => vec!["node cordoned".to_string()],
                 Some(Refusal::Selector) => vec!["node selector does not match".to_string()],
-                Some(Refusal::Taint(t)) => vec![format!("taint {t} not tolerated")],
-                Some(Refusal::Resources(short)) => {
-                    short.iter().map(|r| format!("insufficient {r}")).collect()
+                Some(Refusal::Taint(i)) => {
+                    let t = &self.nodes[node].taints[i];
+                    let shown = if t.value.is_empty() {
+                        t.key.clone()
+                    } else {
+                        format!("{}={}", t.key, t.value)
+                    };
+                    vec![format!("taint {shown} not tolerated")]
                 }
-                Some(Refusal::AntiAffinity(key)) => {
-                    vec![format!("anti-affinity: {key} already has the maximum")]
+                Some(Refusal::Resources(short)) => (0..DIMS)
+                    .filter(|d| short & (1 << d) != 0)
+                    .map(|d| format!("insufficient {}", RESOURCE_NAMES[d]))
+                    .collect(),
+                Some(Refusal::AntiAffinity(topo)) => {
+                    vec![format!(
+                        "anti-affinity: {} already has the maximum",
+                        self.topology_key(topo)
+                    )]
                 }
-                Some(Refusal::Spread(key)) => {
-                    vec![format!("spread over {key} would exceed maxSkew")]
+                Some(Refusal::Spread {
+                    topology,
+                    unlabelled,
+                }) => {
+                    let key = self.topology_key(topology);
+                    if unlabelled {
+                        vec![format!(
+                            "spread over node has no {key} label would exceed maxSkew"
+                        )]
+                    } else {
+                        vec![format!("spread over {key} would exceed maxSkew")]
+                    }
                 }
             };
             for w in why {
@@ -821,16 +856,11 @@ fn static_fit_placed(node: &Node, inst: &Instance) -> Option<Refusal> {
     {
         return Some(Refusal::Selector);
     }
-    for t in &node.taints {
+    for (i, t) in node.taints.iter().enumerate() {
         if t.effect != Effect::PreferNoSchedule
             && !inst.tolerations.iter().any(|tol| tol.tolerates(t))
         {
-            let shown = if t.value.is_empty() {
-                t.key.clone()
-            } else {
-                format!("{}={}", t.key, t.value)
-            };
-            return Some(Refusal::Taint(shown));
+            return Some(Refusal::Taint(i));
         }
     }
     None
