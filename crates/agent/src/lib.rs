@@ -1,8 +1,9 @@
-//! Skiff's node agent. So far: its hollow mode (as Kubemark and KWOK do),
-//! which registers simulated nodes, keeps their heartbeats going and
-//! reports the instances assigned to them as running without starting
-//! processes; and the process supervisor the real runtime will use.
+//! Skiff's node agent: runs the instances assigned to its node (network
+//! namespace, cgroups, supervised process, health checks), and its hollow
+//! mode (as Kubemark and KWOK do) for control-plane scale tests.
 
+pub mod node;
+pub mod runtime;
 pub mod supervise;
 
 use std::collections::HashSet;

@@ -120,6 +120,37 @@ pub struct InstanceStatus {
     pub restarts: u32,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// The most recent things that happened to the instance, oldest first
+    /// (bounded: see [`InstanceEvent::KEEP`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<InstanceEvent>,
+}
+
+/// Something that happened to an instance: scheduled, started, unhealthy…
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct InstanceEvent {
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// One CamelCase word: `Scheduled`, `Started`, `BackOff`, `OOMKilled`…
+    pub reason: String,
+    pub message: String,
+}
+
+impl InstanceEvent {
+    /// Events kept per instance; older ones are dropped.
+    pub const KEEP: usize = 20;
+}
+
+impl Decode for InstanceEvent {
+    fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
+        let m = cx.fields(node, &["time", "reason", "message"])?;
+        let reason = m.req(cx, "reason");
+        Some(InstanceEvent {
+            time: m.or_default(cx, "time"),
+            reason: reason?,
+            message: m.or_default(cx, "message"),
+        })
+    }
 }
 
 impl Decode for InstanceSpec {
@@ -137,13 +168,17 @@ impl Decode for InstanceSpec {
 
 impl Decode for InstanceStatus {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
-        let m = cx.fields(node, &["phase", "ready", "address", "restarts", "message"])?;
+        let m = cx.fields(
+            node,
+            &["phase", "ready", "address", "restarts", "message", "events"],
+        )?;
         Some(InstanceStatus {
             phase: m.or_default(cx, "phase"),
             ready: m.or_default(cx, "ready"),
             address: m.opt(cx, "address"),
             restarts: m.or_default(cx, "restarts"),
             message: m.or_default(cx, "message"),
+            events: m.or_default(cx, "events"),
         })
     }
 }

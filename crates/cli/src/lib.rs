@@ -7,6 +7,8 @@ pub mod bench_cluster;
 mod bench_etcd;
 pub mod bench_scheduler;
 pub mod bench_store;
+pub mod demo_app;
+pub mod dev;
 pub mod output;
 pub mod policy;
 pub mod resources;

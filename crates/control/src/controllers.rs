@@ -15,12 +15,14 @@ use skiff_scheduler as sched;
 use skiff_store::{EmbeddedStore, Event, Store, StoreError};
 use tokio::sync::watch;
 
+use skiff_api::net::Cidr;
+
 use crate::api::NODE_LEASES;
 
 /// Starts the controllers; they stop when `shutdown` turns true.
-pub fn spawn(store: Arc<EmbeddedStore>, shutdown: watch::Receiver<bool>) {
+pub fn spawn(store: Arc<EmbeddedStore>, pod_range: Cidr, shutdown: watch::Receiver<bool>) {
     tokio::spawn(node_lifecycle(store.clone(), shutdown.clone()));
-    tokio::spawn(replicas(store, shutdown));
+    tokio::spawn(replicas(store, pod_range, shutdown));
 }
 
 fn object(value: &[u8]) -> Option<Value> {
@@ -133,7 +135,7 @@ async fn node_lost(store: &EmbeddedStore, node: &str) -> Result<(), StoreError> 
 }
 
 /// Reconciles after any change (debounced), and every second.
-async fn replicas(store: Arc<EmbeddedStore>, mut shutdown: watch::Receiver<bool>) {
+async fn replicas(store: Arc<EmbeddedStore>, pod_range: Cidr, mut shutdown: watch::Receiver<bool>) {
     let mut changes = match store.watch("/registry/", store.revision()).await {
         Ok(w) => w,
         Err(e) => {
@@ -158,6 +160,9 @@ async fn replicas(store: Arc<EmbeddedStore>, mut shutdown: watch::Receiver<bool>
                 },
                 None => return,
             },
+        }
+        if let Err(e) = crate::ipam::assign(&store, &pod_range).await {
+            tracing::warn!(error = %e, "Pod range assignment failed; retrying");
         }
         if let Err(e) = reconcile(&store).await {
             tracing::warn!(error = %e, "Reconcile failed; retrying");

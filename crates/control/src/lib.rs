@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod controllers;
 pub mod error;
+pub mod ipam;
 pub mod metrics;
 pub mod pki;
 mod serve;
@@ -37,6 +38,8 @@ pub struct ServerOptions {
     pub write_config: Option<PathBuf>,
     /// A node is declared lost when its heartbeats stop for this long.
     pub node_grace: std::time::Duration,
+    /// Each real node gets a /24 of this range for its instances.
+    pub pod_cidr_range: skiff_api::net::Cidr,
 }
 
 /// Serves the API until `shutdown` resolves; then stops accepting, ends
@@ -91,7 +94,7 @@ pub async fn run(
         node_leases: std::sync::Mutex::new(std::collections::HashMap::new()),
         shutdown: stopped.clone(),
     });
-    controllers::spawn(store.clone(), stopped.clone());
+    controllers::spawn(store.clone(), opts.pod_cidr_range, stopped.clone());
     let app = axum::Router::new().fallback(api::handle).with_state(state);
     tracing::info!(url = %url, revision = store.revision(), "Listening");
     // The line tests and scripts wait for.

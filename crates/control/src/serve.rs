@@ -53,6 +53,18 @@ pub fn tls_config(pki: &Pki) -> Result<Arc<rustls::ServerConfig>, ServerError> {
     Ok(Arc::new(config))
 }
 
+fn internal_error() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(serde_json::json!({
+            "kind": "Status", "code": 500,
+            "message": "internal error in the API server (a bug; the server log has the details): check with `skiff get` whether the change was made",
+        })),
+    )
+        .into_response()
+}
+
 /// Accepts and serves connections until `shutdown` turns true, then waits
 /// (bounded) for open requests to finish.
 pub async fn serve(
@@ -101,11 +113,26 @@ pub async fn serve(
                             .and_then(|c| c.first())
                             .map(|c| skiff_identity::principal_of(c).map_err(|e| e.to_string())),
                     };
-                    let service =
-                        hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                    let service = hyper::service::service_fn(
+                        move |mut req: hyper::Request<Incoming>| {
                             req.extensions_mut().insert(peer.clone());
-                            app.clone().oneshot(req.map(axum::body::Body::new))
-                        });
+                            let (method, uri) = (req.method().clone(), req.uri().clone());
+                            // Its own task, so a bug that panics in a handler
+                            // answers 500 instead of dropping the connection
+                            // (and every request multiplexed on it).
+                            let handler =
+                                tokio::spawn(app.clone().oneshot(req.map(axum::body::Body::new)));
+                            async move {
+                                match handler.await {
+                                    Ok(response) => response,
+                                    Err(e) => {
+                                        tracing::error!(http.method = %method, http.uri = %uri, error = %e, "Request handler panicked");
+                                        Ok(internal_error())
+                                    }
+                                }
+                            }
+                        },
+                    );
                     let mut builder = auto::Builder::new(TokioExecutor::new());
                     builder
                         .http1()

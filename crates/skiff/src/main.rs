@@ -28,8 +28,15 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Run the control plane: the HTTPS API over the embedded store.
     Server(ServerArgs),
-    /// Run a node agent (so far: hollow nodes only, with --simulate).
+    /// Run a node agent: this machine's instances (or hollow nodes, with --simulate).
     Agent(AgentArgs),
+    /// A local cluster: server and N node agents in network namespaces, with the demo.
+    Dev(skiff_cli::dev::DevArgs),
+    /// The demo shop's HTTP service (what `skiff dev` runs in its instances).
+    DemoApp(skiff_cli::demo_app::DemoAppArgs),
+    /// The first process of every instance (used by the agent, not by hand).
+    #[command(hide = true)]
+    InternalExec(InternalExecArgs),
     /// Create or update objects from manifests (prints created / configured / unchanged).
     Apply(resources::ApplyArgs),
     /// Show objects: a table, or -o yaml|json|wide; --watch for changes.
@@ -57,6 +64,29 @@ struct AgentArgs {
     /// The join token (the server's data dir has it in join-token).
     #[arg(long, env = "SKIFF_JOIN_TOKEN")]
     join_token: String,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// The address other nodes reach this one at (default: the source
+    /// address of this host's route).
+    #[arg(long)]
+    address: Option<std::net::Ipv4Addr>,
+    /// Node labels, `key=value` (repeatable), e.g. `--label zone=a`.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Where instance logs live.
+    #[arg(long, default_value = "/var/lib/skiff-agent")]
+    data_dir: std::path::PathBuf,
+    /// Prefix of this agent's network namespaces and cgroup directory
+    /// (default: `skiff-<node name>`); unique per agent on one machine.
+    #[arg(long)]
+    tag: Option<String>,
+    /// Run inside this named network namespace (`skiff dev` nodes).
+    #[arg(long, hide = true)]
+    netns: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL when an instance is stopped.
+    #[arg(long, default_value_t = 10.0)]
+    stop_grace: f64,
     /// Register this many hollow nodes that heartbeat and report their
     /// instances running without starting anything (control-plane scale tests).
     #[arg(long)]
@@ -64,13 +94,30 @@ struct AgentArgs {
     /// Name prefix of the hollow nodes (`{prefix}{i}`).
     #[arg(long, default_value = "hollow-")]
     node_prefix: String,
-    /// Capacity of each hollow node.
-    #[arg(long, default_value = "8")]
-    cpu: String,
-    #[arg(long, default_value = "32Gi")]
-    memory: String,
+    /// Node capacity (default: this machine's; hollow nodes: 8 CPUs, 32Gi).
+    #[arg(long)]
+    cpu: Option<String>,
+    #[arg(long)]
+    memory: Option<String>,
+    /// Hollow nodes are labelled `zone: zone-{i % zones}`.
     #[arg(long, default_value_t = 3)]
     zones: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct InternalExecArgs {
+    /// `cgroup.procs` files to join (repeatable).
+    #[arg(long = "cgroup")]
+    cgroups: Vec<std::path::PathBuf>,
+    /// Network namespace file to enter.
+    #[arg(long)]
+    netns: Option<std::path::PathBuf>,
+    /// User name or uid to run as.
+    #[arg(long)]
+    user: Option<String>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -96,6 +143,9 @@ struct ServerArgs {
     /// Declare a node lost after this many seconds without a heartbeat.
     #[arg(long, default_value_t = 3.0)]
     node_grace: f64,
+    /// Instance addresses: each node gets a /24 of this range.
+    #[arg(long, default_value = "198.19.0.0/16")]
+    pod_cidr_range: String,
 }
 
 fn main() -> ExitCode {
@@ -106,6 +156,9 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Server(args) => server(args),
         Command::Agent(args) => agent(args),
+        Command::InternalExec(args) => internal_exec(args),
+        Command::Dev(args) => skiff_cli::dev::run(args),
+        Command::DemoApp(args) => skiff_cli::demo_app::run(args),
         Command::Apply(args) => resources::apply(args),
         Command::Get(args) => resources::get(args),
         Command::Delete(args) => resources::delete(args),
@@ -149,6 +202,10 @@ fn server(args: &ServerArgs) -> anyhow::Result<u8> {
         advertise: args.advertise.clone(),
         write_config,
         node_grace: std::time::Duration::from_secs_f64(args.node_grace),
+        pod_cidr_range: args
+            .pod_cidr_range
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--pod-cidr-range {}: {e}", args.pod_cidr_range))?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -158,18 +215,21 @@ fn server(args: &ServerArgs) -> anyhow::Result<u8> {
 }
 
 fn agent(args: &AgentArgs) -> anyhow::Result<u8> {
+    // Before any thread exists: setns applies to the calling thread only.
+    if let Some(ns) = &args.netns {
+        let path = std::path::Path::new("/run/netns").join(ns);
+        let f = std::fs::File::open(&path)
+            .map_err(|e| anyhow::anyhow!("--netns {}: {e}", path.display()))?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| anyhow::anyhow!("--netns {}: {e}", path.display()))?;
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let Some(nodes) = args.simulate else {
-        anyhow::bail!(
-            "only hollow nodes are supported so far: pass --simulate N (the real runtime comes with the agent issue)"
-        );
-    };
-    for q in [&args.cpu, &args.memory] {
+    for q in [&args.cpu, &args.memory].into_iter().flatten() {
         skiff_api::quantity::Quantity::parse(q)
             .map_err(|e| anyhow::anyhow!("--cpu/--memory {q:?}: {e}"))?;
     }
@@ -184,39 +244,83 @@ fn agent(args: &AgentArgs) -> anyhow::Result<u8> {
         node: None,
     };
     let client = skiff_client::Client::new(&config)?;
-    let sim = skiff_agent::Simulation {
-        prefix: args.node_prefix.clone(),
-        nodes,
-        cpu: args.cpu.clone(),
-        memory: args.memory.clone(),
-        zones: args.zones,
-        heartbeat: std::time::Duration::from_secs(1),
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
-        tokio::select! {
-            r = skiff_agent::simulate(client, sim) => r.map_err(anyhow::Error::from),
-            _ = shutdown_signal() => Ok(()),
-        }
-    })?;
+    if let Some(nodes) = args.simulate {
+        let sim = skiff_agent::Simulation {
+            prefix: args.node_prefix.clone(),
+            nodes,
+            cpu: args.cpu.clone().unwrap_or_else(|| "8".into()),
+            memory: args.memory.clone().unwrap_or_else(|| "32Gi".into()),
+            zones: args.zones,
+            heartbeat: std::time::Duration::from_secs(1),
+        };
+        runtime.block_on(async {
+            tokio::select! {
+                r = skiff_agent::simulate(client, sim) => r.map_err(anyhow::Error::from),
+                _ = shutdown_signal() => Ok(()),
+            }
+        })?;
+        return Ok(0);
+    }
+    let name = match &args.node_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
+            .trim()
+            .to_string(),
+    };
+    anyhow::ensure!(
+        skiff_api::meta::is_dns_subdomain(&name),
+        "node name {name:?} is not a DNS name: pass --node-name"
+    );
+    let mut labels = std::collections::BTreeMap::new();
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--label {l:?}: expected key=value"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let address = match args.address.or_else(skiff_agent::node::guess_address) {
+        Some(a) => a,
+        None => anyhow::bail!("cannot tell this node's address: pass --address"),
+    };
+    anyhow::ensure!(
+        args.stop_grace >= 0.0 && args.stop_grace.is_finite(),
+        "--stop-grace must be a number of seconds"
+    );
+    let (cpu, memory) = skiff_agent::node::machine_capacity();
+    let cfg = skiff_agent::node::NodeConfig {
+        tag: args.tag.clone().unwrap_or_else(|| format!("skiff-{name}")),
+        name,
+        address,
+        labels,
+        cpu: args.cpu.clone().unwrap_or(cpu),
+        memory: args.memory.clone().unwrap_or(memory),
+        exe: std::env::current_exe()?,
+        data_dir: args.data_dir.clone(),
+        heartbeat: std::time::Duration::from_secs(1),
+        stop_grace: std::time::Duration::from_secs_f64(args.stop_grace),
+    };
+    runtime.block_on(skiff_agent::node::run(client, cfg, shutdown_signal()))?;
     Ok(0)
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "Cannot watch SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
+fn internal_exec(args: &InternalExecArgs) -> anyhow::Result<u8> {
+    let e = skiff_agent::runtime::exec::Exec {
+        cgroups: args.cgroups.clone(),
+        netns: args.netns.clone(),
+        user: args.user.clone(),
+        command: args.command.clone(),
+    };
+    match skiff_agent::runtime::exec::exec(&e) {
+        Ok(never) => match never {},
+        Err(err) => {
+            // The instance's log shows this line; the agent reports it.
+            eprintln!("skiff: {}", err.message);
+            std::process::exit(err.code);
         }
     }
 }
+
+use skiff_cli::dev::shutdown_signal;
