@@ -37,6 +37,9 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub heartbeat: Duration,
     pub stop_grace: Duration,
+    /// Stop every instance once heartbeats have failed for half the
+    /// control plane's node grace (before replacements start elsewhere).
+    pub self_fence: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,11 +72,13 @@ pub async fn run(
     net::enable_forwarding()?;
     let generation = register(&client, &cfg, &cgroups).await?;
     let (gen_tx, gen_rx) = watch::channel(generation);
+    let (cut_tx, cut_rx) = watch::channel(false);
     tokio::spawn(heartbeat(
         client.clone(),
         cfg.name.clone(),
         cfg.heartbeat,
         gen_tx,
+        cfg.self_fence.then_some(cut_tx),
     ));
     let pod_cidr = wait_for_pod_cidr(&client, &cfg.name).await?;
     tracing::info!(node.name = %cfg.name, pod_cidr = %pod_cidr, "Pod range assigned");
@@ -93,6 +98,7 @@ pub async fn run(
         running: HashMap::new(),
         serial: 0,
         generation: gen_rx,
+        cut_off: cut_rx,
     };
     let result = tokio::select! {
         r = node.follow() => r,
@@ -160,26 +166,72 @@ async fn register(client: &Client, cfg: &NodeConfig, cgroups: &Cgroups) -> Resul
     }
 }
 
-/// Renews the node's lease every `every`; publishes the fencing generation.
-async fn heartbeat(client: Client, name: String, every: Duration, generation: watch::Sender<u64>) {
-    let mut tick = tokio::time::interval(every);
+/// Renews the node's lease every `every`; publishes the fencing
+/// generation and, with self-fencing, whether the node is cut off: no
+/// successful heartbeat for half the node grace the server announced.
+async fn heartbeat(
+    client: Client,
+    name: String,
+    every: Duration,
+    generation: watch::Sender<u64>,
+    cut_off: Option<watch::Sender<bool>>,
+) {
+    let mut tick = tokio::time::interval(every.min(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut grace = Duration::from_secs(3);
+    let mut last_ok = tokio::time::Instant::now();
+    let mut last_try = tokio::time::Instant::now() - every;
+    let mut pending: Option<tokio::task::JoinHandle<Result<Value, ClientError>>> = None;
     loop {
         tick.tick().await;
-        match client.heartbeat(&name).await {
-            Ok(v) => {
-                if let Some(g) = v.get("generation").and_then(Value::as_u64) {
-                    generation.send_if_modified(|old| {
-                        let newer = g > *old;
-                        if newer {
-                            tracing::warn!(node.name = %name, generation = g, "This node was declared lost: its old instances are fenced");
-                            *old = g;
-                        }
-                        newer
-                    });
+        if pending.as_ref().is_some_and(|p| p.is_finished())
+            && let Some(p) = pending.take()
+        {
+            match p.await {
+                Ok(Ok(v)) => {
+                    last_ok = tokio::time::Instant::now();
+                    if let Some(g) = v
+                        .get("graceSeconds")
+                        .and_then(Value::as_f64)
+                        .filter(|g| g.is_finite() && *g > 0.0)
+                    {
+                        grace = Duration::from_secs_f64(g);
+                    }
+                    if let Some(g) = v.get("generation").and_then(Value::as_u64) {
+                        generation.send_if_modified(|old| {
+                            let newer = g > *old;
+                            if newer {
+                                tracing::warn!(node.name = %name, generation = g, "This node was declared lost: its old instances are fenced");
+                                *old = g;
+                            }
+                            newer
+                        });
+                    }
                 }
+                Ok(Err(e)) => tracing::warn!(node.name = %name, error = %e, "Heartbeat failed"),
+                Err(_) => {}
             }
-            Err(e) => tracing::warn!(node.name = %name, error = %e, "Heartbeat failed"),
+        }
+        // One heartbeat in flight at a time; a hung one does not stop the clock.
+        if pending.is_none() && last_try.elapsed() >= every {
+            last_try = tokio::time::Instant::now();
+            let (client, name) = (client.clone(), name.clone());
+            pending = Some(tokio::spawn(async move { client.heartbeat(&name).await }));
+        }
+        if let Some(cut) = &cut_off {
+            let is_cut = last_ok.elapsed() > grace / 2;
+            cut.send_if_modified(|old| {
+                let changed = *old != is_cut;
+                if changed {
+                    if is_cut {
+                        tracing::warn!(node.name = %name, "Cut off from the control plane for half the node grace: stopping every instance (self-fencing)");
+                    } else {
+                        tracing::info!(node.name = %name, "Control plane reachable again");
+                    }
+                    *old = is_cut;
+                }
+                changed
+            });
         }
     }
 }
@@ -189,7 +241,7 @@ async fn wait_for_pod_cidr(client: &Client, name: &str) -> Result<Ipv4Addr, Agen
     let mut warned = false;
     loop {
         if let Some(v) = client.get(nodes, None, name).await?
-            && let Some(cidr) = v.pointer("/spec/podCidr").and_then(Value::as_str)
+            && let Some(cidr) = v.pointer("/spec/podCIDR").and_then(Value::as_str)
         {
             return match cidr.split_once('/').map(|(a, _)| a.parse::<Ipv4Addr>()) {
                 Some(Ok(a)) => Ok(a),
@@ -249,7 +301,7 @@ async fn sync_routes(
         if name == me {
             continue;
         }
-        let cidr = v.pointer("/spec/podCidr").and_then(Value::as_str);
+        let cidr = v.pointer("/spec/podCIDR").and_then(Value::as_str);
         let addr = v
             .pointer("/status/address")
             .and_then(Value::as_str)
@@ -309,6 +361,8 @@ struct Node {
     running: HashMap<String, Running>,
     serial: u64,
     generation: watch::Receiver<u64>,
+    /// True while self-fenced (never without `--self-fence`).
+    cut_off: watch::Receiver<bool>,
 }
 
 impl Node {
@@ -316,7 +370,15 @@ impl Node {
     async fn follow(&mut self) -> Result<(), AgentError> {
         let instances = kind("instances")?;
         loop {
-            let list = self.rt.client.list(instances, None, None).await?;
+            let list = match self.rt.client.list(instances, None, None).await {
+                Ok(l) => l,
+                Err(e) => {
+                    // The control plane is away: instances carry on.
+                    tracing::warn!(error = %e, "Cannot list instances; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
             let current: HashMap<String, Value> = list
                 .items
                 .into_iter()
@@ -337,11 +399,24 @@ impl Node {
             }
             let mut watch = self.rt.client.watch(instances, None, None, list.revision);
             let mut generation = self.generation.clone();
+            let mut cut_off = self.cut_off.clone();
             loop {
                 tokio::select! {
                     changed = generation.changed() => {
                         if changed.is_err() { continue; }
                         self.fence().await;
+                    }
+                    changed = cut_off.changed(), if !cut_off.is_closed() => {
+                        if changed.is_err() { continue; }
+                        if *cut_off.borrow_and_update() {
+                            let all: Vec<String> = self.running.keys().cloned().collect();
+                            for id in all {
+                                self.stop(&id, "self-fenced: cut off from the control plane").await;
+                            }
+                        } else {
+                            // Back: list again and start what is still ours.
+                            break;
+                        }
                     }
                     event = watch.next() => {
                         let Some(event) = event else { break };
@@ -390,6 +465,9 @@ impl Node {
 
     /// Starts an instance that should run here and does not yet.
     async fn ensure(&mut self, v: &Value) {
+        if *self.cut_off.borrow() {
+            return;
+        }
         let id = id_of(v);
         let uid = v
             .pointer("/metadata/uid")

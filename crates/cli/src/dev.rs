@@ -30,12 +30,26 @@ pub struct DevArgs {
     /// Start no demo services.
     #[arg(long)]
     pub no_demo: bool,
+    /// Agents stop their instances when cut off from the control plane for
+    /// half the node grace, before replacements can start elsewhere.
+    #[arg(long)]
+    pub self_fence: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DevCommand {
     /// Stop every local cluster and remove what it made.
     Down,
+}
+
+/// How to make a cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub nodes: usize,
+    pub node_grace: f64,
+    pub self_fence: bool,
+    /// Where the admin client config goes.
+    pub config: PathBuf,
 }
 
 /// One node of a dev cluster.
@@ -65,7 +79,7 @@ pub struct Cluster {
     agents: Vec<Option<Child>>,
     exe: PathBuf,
     join_token: String,
-    node_grace: f64,
+    options: Options,
 }
 
 pub fn run(args: &DevArgs) -> anyhow::Result<u8> {
@@ -78,7 +92,13 @@ pub fn run(args: &DevArgs) -> anyhow::Result<u8> {
     );
     anyhow::ensure!((1..=20).contains(&args.nodes), "--nodes must be 1 to 20");
     let config = skiff_client::ClientConfig::default_path();
-    let mut cluster = Cluster::up(args.nodes, args.node_grace, &config)?;
+    let options = Options {
+        nodes: args.nodes,
+        node_grace: args.node_grace,
+        self_fence: args.self_fence,
+        config,
+    };
+    let mut cluster = Cluster::up(&std::env::current_exe()?, &options)?;
     println!(
         "skiff dev: {} nodes, API at {}",
         cluster.nodes.len(),
@@ -115,12 +135,14 @@ pub fn run(args: &DevArgs) -> anyhow::Result<u8> {
 impl Cluster {
     /// Claims a slot, wires the namespaces, starts the server and agents,
     /// and waits until every node is ready. Admin config goes to `config`.
-    pub fn up(nodes: usize, node_grace: f64, config: &Path) -> anyhow::Result<Cluster> {
+    /// `exe` is the skiff binary to run.
+    pub fn up(exe: &Path, options: &Options) -> anyhow::Result<Cluster> {
+        let nodes = options.nodes;
         let (slot, dir) = claim_slot()?;
         let mut c = Cluster {
             slot,
-            url: String::new(),
-            config: config.to_path_buf(),
+            url: format!("https://198.18.{slot}.1:7443"),
+            config: options.config.clone(),
             lan: format!("skd{slot}-lan"),
             host_if: format!("skd{slot}h"),
             nodes: (1..=nodes)
@@ -138,11 +160,21 @@ impl Cluster {
             agents: Vec::new(),
             exe: PathBuf::new(),
             join_token: String::new(),
-            node_grace,
+            options: options.clone(),
         };
         // From here on, a failure tears down what was made (Drop).
         c.wire()?;
+        // Instances run the binary as `nobody`: give them a copy they can read.
+        let bin = c.dir.join("bin");
+        std::fs::create_dir_all(&bin)?;
+        c.exe = bin.join("skiff");
+        std::fs::copy(exe, &c.exe)?;
+        set_mode(&bin, 0o755)?;
+        set_mode(&c.exe, 0o755)?;
         c.start_server()?;
+        c.join_token = std::fs::read_to_string(c.dir.join("server/join-token"))?
+            .trim()
+            .to_string();
         for i in 0..c.nodes.len() {
             let agent = c.start_agent(i)?;
             c.agents.push(Some(agent));
@@ -198,23 +230,20 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_server(&mut self) -> anyhow::Result<()> {
-        // Instances run the binary as `nobody`: give them a copy they can read.
-        let bin = self.dir.join("bin");
-        std::fs::create_dir_all(&bin)?;
-        self.exe = bin.join("skiff");
-        std::fs::copy(std::env::current_exe()?, &self.exe)?;
-        set_mode(&bin, 0o755)?;
-        set_mode(&self.exe, 0o755)?;
-        let data = self.dir.join("server");
-        let log = std::fs::File::create(self.dir.join("server.log"))?;
+    /// Starts the API server (again, after [`Cluster::stop_server`]) on
+    /// the slot's fixed address, and waits until it listens.
+    pub fn start_server(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))?;
         let mut server = Command::new(&self.exe)
             .args(["server", "--data-dir"])
-            .arg(&data)
-            .args(["--listen", &format!("198.18.{}.1:0", self.slot)])
+            .arg(self.dir.join("server"))
+            .args(["--listen", &format!("198.18.{}.1:7443", self.slot)])
             .args(["--advertise", &format!("198.18.{}.1", self.slot)])
             .args(["--pod-cidr-range", &self.pod_range])
-            .args(["--node-grace", &self.node_grace.to_string()])
+            .args(["--node-grace", &self.options.node_grace.to_string()])
             .arg("--write-config")
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -223,18 +252,20 @@ impl Cluster {
             .spawn()?;
         let stdout = server.stdout.take();
         self.server = Some(server);
-        let line =
-            first_line_with(stdout, "listening on", Duration::from_secs(30)).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "the server did not start; see {}",
-                    self.dir.join("server.log").display()
-                )
-            })?;
-        self.url = line.rsplit(' ').next().unwrap_or_default().to_string();
-        self.join_token = std::fs::read_to_string(data.join("join-token"))?
-            .trim()
-            .to_string();
+        first_line_with(stdout, "listening on", Duration::from_secs(30)).ok_or_else(|| {
+            anyhow::anyhow!(
+                "the server did not start; see {}",
+                self.dir.join("server.log").display()
+            )
+        })?;
         Ok(())
+    }
+
+    /// Stops the API server (SIGTERM); agents and instances carry on.
+    pub fn stop_server(&mut self) {
+        if let Some(s) = self.server.take() {
+            stop(s, Duration::from_secs(10));
+        }
     }
 
     /// Starts node `i`'s agent (again, after [`Cluster::kill_agent`]).
@@ -251,6 +282,7 @@ impl Cluster {
             .args(["--netns", &n.netns, "--tag", &n.tag])
             .args(["--label", &format!("zone=zone-{}", i % 3)])
             .args(["--cpu", "2", "--memory", "4Gi", "--stop-grace", "3"])
+            .args(self.options.self_fence.then_some("--self-fence"))
             .arg("--data-dir")
             .arg(self.dir.join(&n.name))
             .env("SKIFF_JOIN_TOKEN", &self.join_token)
@@ -316,7 +348,7 @@ impl Cluster {
                         .iter()
                         .filter(|v| {
                             v.pointer("/status/ready").and_then(Value::as_bool) == Some(true)
-                                && v.pointer("/spec/podCidr").is_some()
+                                && v.pointer("/spec/podCIDR").is_some()
                         })
                         .count()
                 })
@@ -342,9 +374,7 @@ impl Cluster {
         for a in self.agents.iter_mut().filter_map(Option::take) {
             stop(a, Duration::from_secs(20));
         }
-        if let Some(s) = self.server.take() {
-            stop(s, Duration::from_secs(10));
-        }
+        self.stop_server();
         cleanup_slot(
             self.slot,
             &self.nodes.iter().map(|n| n.tag.clone()).collect::<Vec<_>>(),
@@ -434,7 +464,7 @@ async fn host_routes(client: skiff_client::Client) {
     loop {
         if let Ok(list) = client.list(nodes, None, None).await {
             for v in &list.items {
-                let cidr = v.pointer("/spec/podCidr").and_then(Value::as_str);
+                let cidr = v.pointer("/spec/podCIDR").and_then(Value::as_str);
                 let via = v.pointer("/status/address").and_then(Value::as_str);
                 if let (Some(c), Some(a)) = (cidr, via) {
                     let _ = ip(&["route", "replace", c, "via", a]);

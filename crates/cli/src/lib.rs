@@ -8,6 +8,7 @@ mod bench_etcd;
 pub mod bench_scheduler;
 pub mod bench_store;
 pub mod demo_app;
+pub mod describe;
 pub mod dev;
 pub mod output;
 pub mod policy;

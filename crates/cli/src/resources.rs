@@ -20,7 +20,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn client(&self) -> anyhow::Result<Client> {
+    pub fn client(&self) -> anyhow::Result<Client> {
         let path = self
             .config
             .clone()
@@ -82,13 +82,13 @@ pub struct DiffArgs {
     pub connection: Connection,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }
 
-fn kind(name: &str) -> anyhow::Result<&'static KindInfo> {
+pub(crate) fn kind(name: &str) -> anyhow::Result<&'static KindInfo> {
     KindInfo::find(name).with_context(|| {
         let known: Vec<&str> = KINDS.iter().map(|k| k.plural).collect();
         format!("unknown kind `{name}`; known: {}", known.join(", "))

@@ -26,7 +26,7 @@ pub enum ClientError {
     #[error("cannot reach {server}: {message}")]
     Connect { server: String, message: String },
     /// The server answered with an error.
-    #[error("{status}: {message}")]
+    #[error("{status}: {message}{}", details.iter().map(|d| format!("; {d}")).collect::<String>())]
     Api {
         status: u16,
         message: String,

@@ -570,13 +570,27 @@ async fn heartbeat(
         .unwrap_or_else(|p| p.into_inner())
         .get(node)
         .copied();
+    let key = format!("{NODE_LEASES}{node}");
+    // After a server restart the map is empty but the store kept the
+    // lease (with a fresh TTL): adopt it rather than replace the key,
+    // which would look like the node was lost and fence it.
+    let lease = match lease {
+        Some(l) => Some(l),
+        None => state.store.get(&key).await?.and_then(|kv| kv.lease),
+    };
     let alive = match lease {
         Some(l) => state.store.lease_keepalive(l).await.is_ok(),
         None => false,
     };
+    if alive && let Some(l) = lease {
+        state
+            .node_leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), l);
+    }
     if !alive {
         let lease = state.store.lease_grant(state.node_grace).await?;
-        let key = format!("{NODE_LEASES}{node}");
         match state
             .store
             .create(&key, Bytes::from_static(b"alive"), Some(lease))
@@ -603,7 +617,12 @@ async fn heartbeat(
         .pointer("/status/generation")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    Ok(axum::Json(json!({"node": node, "generation": generation})).into_response())
+    Ok(axum::Json(json!({
+        "node": node,
+        "generation": generation,
+        "graceSeconds": state.node_grace.as_secs_f64(),
+    }))
+    .into_response())
 }
 
 /// One line of a watch stream.

@@ -216,13 +216,17 @@ pub async fn reconcile(store: &EmbeddedStore) -> Result<(), StoreError> {
     }
     let node_names: HashSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
     let mut services: BTreeMap<(String, String), ServiceSpec> = BTreeMap::new();
+    // Instances carry their service's labels (policies select by them).
+    let mut service_labels: BTreeMap<(String, String), BTreeMap<String, String>> = BTreeMap::new();
     for kv in &svc_kvs {
         let Ok(loaded) = skiff_api::load_str("store", &String::from_utf8_lossy(&kv.value)) else {
             continue;
         };
         for l in loaded {
             if let Resource::Service(s) = l.resource {
-                services.insert((s.namespace().to_string(), s.name().to_string()), s.spec);
+                let id = (s.namespace().to_string(), s.name().to_string());
+                service_labels.insert(id.clone(), s.metadata.labels.clone());
+                services.insert(id, s.spec);
             }
         }
     }
@@ -310,11 +314,13 @@ pub async fn reconcile(store: &EmbeddedStore) -> Result<(), StoreError> {
                     v["spec"]["node"] = json!(n);
                     v["spec"]["nodeGeneration"] = json!(generations.get(n).copied().unwrap_or(0));
                     v["status"]["message"] = json!("");
+                    push_event(&mut v, "Scheduled", &format!("assigned to node {n}"));
                 }
                 None if v.pointer("/status/message").and_then(Value::as_str)
                     != Some(message.as_str()) =>
                 {
                     v["status"]["message"] = json!(message);
+                    push_event(&mut v, "FailedScheduling", &message);
                 }
                 None => continue,
             }
@@ -331,12 +337,21 @@ pub async fn reconcile(store: &EmbeddedStore) -> Result<(), StoreError> {
                 spec_json["node"] = json!(n);
                 spec_json["nodeGeneration"] = json!(generations.get(n).copied().unwrap_or(0));
             }
-            let v = json!({
+            let mut labels = service_labels
+                .get(&(ns.clone(), svc.clone()))
+                .cloned()
+                .unwrap_or_default();
+            labels.insert("skiff.dev/service".into(), svc.clone());
+            let mut v = json!({
                 "apiVersion": "skiff.dev/v1", "kind": "Instance",
-                "metadata": {"name": name, "namespace": ns, "labels": {"skiff.dev/service": svc}},
+                "metadata": {"name": name, "namespace": ns, "labels": labels},
                 "spec": spec_json,
                 "status": {"phase": "pending", "ready": false, "restarts": 0, "message": message},
             });
+            match &node {
+                Some(n) => push_event(&mut v, "Scheduled", &format!("assigned to node {n}")),
+                None => push_event(&mut v, "FailedScheduling", &message),
+            }
             match &node {
                 Some(n) => tracing::debug!(instance = %name, node.name = %n, "Scheduled"),
                 None => tracing::warn!(instance = %name, reason = %message, "Unschedulable"),
@@ -363,6 +378,24 @@ pub async fn reconcile(store: &EmbeddedStore) -> Result<(), StoreError> {
         tracing::info!(instances = creates.len(), "Created instances");
     }
     Ok(())
+}
+
+/// Appends an event to an instance's status, keeping the newest few.
+fn push_event(v: &mut Value, reason: &str, message: &str) {
+    let time = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let status = &mut v["status"];
+    if !status["events"].is_array() {
+        status["events"] = json!([]);
+    }
+    if let Some(events) = status["events"].as_array_mut() {
+        events.push(json!({"time": time, "reason": reason, "message": message}));
+        let excess = events
+            .len()
+            .saturating_sub(skiff_api::cluster::InstanceEvent::KEEP);
+        events.drain(..excess);
+    }
 }
 
 fn place(scheduler: &mut sched::Scheduler, inst: &sched::Instance) -> (Option<String>, String) {

@@ -1,5 +1,5 @@
 //! Pod address ranges: each real node gets one /24 from the cluster's pod
-//! range, kept in its `spec.podCidr` for as long as the Node exists. Hollow
+//! range, kept in its `spec.podCIDR` for as long as the Node exists. Hollow
 //! nodes (which run nothing) get none.
 
 use std::collections::BTreeSet;
@@ -48,7 +48,7 @@ pub async fn assign(store: &EmbeddedStore, range: &Cidr) -> Result<(), StoreErro
         .collect();
     let mut used: BTreeSet<Ipv4Addr> = nodes
         .iter()
-        .filter_map(|(_, _, v)| v.pointer("/spec/podCidr")?.as_str()?.parse::<Cidr>().ok())
+        .filter_map(|(_, _, v)| v.pointer("/spec/podCIDR")?.as_str()?.parse::<Cidr>().ok())
         .filter_map(|c| match c.addr {
             IpAddr::V4(a) => Some(a),
             IpAddr::V6(_) => None,
@@ -59,14 +59,14 @@ pub async fn assign(store: &EmbeddedStore, range: &Cidr) -> Result<(), StoreErro
             .pointer("/metadata/labels/skiff.dev~1hollow")
             .and_then(Value::as_str)
             == Some("true");
-        if hollow || v.pointer("/spec/podCidr").is_some_and(|c| !c.is_null()) {
+        if hollow || v.pointer("/spec/podCIDR").is_some_and(|c| !c.is_null()) {
             continue;
         }
         let Some(cidr) = next_free(range, &used) else {
             tracing::error!(node = %key, range = %range, "No pod range left for a new node: widen --pod-cidr-range");
             return Ok(());
         };
-        v["spec"]["podCidr"] = json!(cidr.to_string());
+        v["spec"]["podCIDR"] = json!(cidr.to_string());
         match store
             .update(&key, bytes::Bytes::from(v.to_string()), revision)
             .await

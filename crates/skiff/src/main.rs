@@ -45,6 +45,8 @@ enum Command {
     Delete(resources::DeleteArgs),
     /// Show how the cluster differs from manifests (exit 1 if it does).
     Diff(resources::DiffArgs),
+    /// One service, instance or node in prose, with recent events.
+    Describe(skiff_cli::describe::DescribeArgs),
     /// Place no new instances on a node.
     Cordon(resources::NodeArgs),
     /// Place instances on a node again.
@@ -84,6 +86,11 @@ struct AgentArgs {
     /// Run inside this named network namespace (`skiff dev` nodes).
     #[arg(long, hide = true)]
     netns: Option<String>,
+    /// Stop every instance when cut off from the control plane for half the
+    /// node grace, before replacements start elsewhere. Off by default: it
+    /// also stops instances during a control-plane outage.
+    #[arg(long)]
+    self_fence: bool,
     /// Seconds between SIGTERM and SIGKILL when an instance is stopped.
     #[arg(long, default_value_t = 10.0)]
     stop_grace: f64,
@@ -158,6 +165,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent(args),
         Command::InternalExec(args) => internal_exec(args),
         Command::Dev(args) => skiff_cli::dev::run(args),
+        Command::Describe(args) => skiff_cli::describe::run(args),
         Command::DemoApp(args) => skiff_cli::demo_app::run(args),
         Command::Apply(args) => resources::apply(args),
         Command::Get(args) => resources::get(args),
@@ -301,6 +309,7 @@ fn agent(args: &AgentArgs) -> anyhow::Result<u8> {
         data_dir: args.data_dir.clone(),
         heartbeat: std::time::Duration::from_secs(1),
         stop_grace: std::time::Duration::from_secs_f64(args.stop_grace),
+        self_fence: args.self_fence,
     };
     runtime.block_on(skiff_agent::node::run(client, cfg, shutdown_signal()))?;
     Ok(0)

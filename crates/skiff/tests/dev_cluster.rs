@@ -1,0 +1,415 @@
+//! End to end on a real `skiff dev` cluster (root): nodes are network
+//! namespaces on a bridge, each with a real agent running real instances.
+//! Skipped without root unless `SKIFF_E2E=require` (CI), where they fail.
+
+mod devsupport;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use devsupport::*;
+use serde_json::Value;
+
+fn service(ns: &str, name: &str, replicas: u32, app_name: &str) -> String {
+    format!(
+        r#"apiVersion: skiff.dev/v1
+kind: Service
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  replicas: {replicas}
+  run: {{command: skiff, args: [demo-app, --name, {app_name}, --listen, "0.0.0.0:8080"]}}
+  resources: {{requests: {{cpu: 100m, memory: 32Mi}}, limits: {{memory: 128Mi}}}}
+  ports: [{{name: http, port: 8080}}]
+  health:
+    readiness: {{http: {{path: /ready, port: http}}, period: 1s}}
+  placement:
+    spread: [{{topologyKey: hostname, maxSkew: 1, mode: hard}}]
+"#
+    )
+}
+
+fn per_node(items: &[Value]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for i in items {
+        *m.entry(s(i, "/spec/node").to_string()).or_default() += 1;
+    }
+    m
+}
+
+/// Counts a service's processes every 20 ms in the background; keeps the peak.
+struct Sampler {
+    peak: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start(needle: String) -> Sampler {
+        let peak = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.fetch_max(pids_with(&needle).len(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Sampler {
+            peak,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn peak(&mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+#[test]
+fn replicas_spread_answer_across_nodes_and_fail_over_without_resurrection() {
+    if !can_run("replicas_spread_answer_across_nodes_and_fail_over_without_resurrection") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut c = cluster(dir.path(), 3, false);
+    let app = format!("spread-{}", rand_suffix());
+    apply(
+        &c,
+        dir.path(),
+        "spread.yaml",
+        &service("demo", "spread", 6, &app),
+    );
+    let items = eventually(
+        Duration::from_secs(60),
+        "6 ready replicas",
+        || {
+            let items = instances(&c, "demo", "spread");
+            (items.len() == 6 && items.iter().all(ready)).then_some(items)
+        },
+        || format!("{:#?}", instances(&c, "demo", "spread")),
+    );
+    let spread = per_node(&items);
+    assert_eq!(
+        spread.values().copied().collect::<Vec<_>>(),
+        [2, 2, 2],
+        "{spread:?}"
+    );
+    assert_eq!(pids_with(&app).len(), 6, "one process per replica");
+
+    // Every replica answers from another node's namespace (host-gw routes).
+    for i in &items {
+        let node = s(i, "/spec/node");
+        let from = c
+            .nodes
+            .iter()
+            .find(|n| n.name != node)
+            .map(|n| n.netns.clone())
+            .unwrap_or_default();
+        let addr = s(i, "/status/address");
+        let body = curl_in(&from, &format!("http://{addr}:8080/"))
+            .unwrap_or_else(|e| panic!("{addr} from {from}: {e}"));
+        assert!(
+            body.contains(&format!("\"address\":\"{addr}\"")),
+            "{addr} from {from}: {body}"
+        );
+        assert!(body.contains(&format!("\"service\":\"{app}\"")), "{body}");
+    }
+
+    // Node n1 dies: its agent, its instances, its link.
+    let mut sampler = Sampler::start(app.clone());
+    let victim = c.nodes[0].clone();
+    let lost: Vec<String> = items
+        .iter()
+        .filter(|i| s(i, "/spec/node") == victim.name)
+        .map(|i| s(i, "/metadata/name").to_string())
+        .collect();
+    c.kill_agent(0);
+    skiff_agent::runtime::cgroup::remove_agent_dirs(&victim.tag);
+    devsupport_ip(&["-n", &c.lan, "link", "set", &victim.lan_if, "down"]);
+    let after = eventually(
+        Duration::from_secs(30),
+        "6 ready replicas on the surviving nodes",
+        || {
+            let items = instances(&c, "demo", "spread");
+            (items.len() == 6
+                && items
+                    .iter()
+                    .all(|i| ready(i) && s(i, "/spec/node") != victim.name))
+            .then_some(items)
+        },
+        || format!("{:#?}", instances(&c, "demo", "spread")),
+    );
+    assert!(
+        after
+            .iter()
+            .all(|i| !lost.contains(&s(i, "/metadata/name").to_string())),
+        "lost instances were replaced, not kept"
+    );
+    let (_, node_yaml, _) = skiff(&c, &["get", "node", &victim.name, "-o", "json"]);
+    let node: Value = serde_json::from_str(&node_yaml).unwrap_or_default();
+    assert_eq!(
+        node.pointer("/status/ready"),
+        Some(&Value::Bool(false)),
+        "{node_yaml}"
+    );
+    assert!(
+        node.pointer("/status/generation")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+            >= 1,
+        "the lost node is fenced: {node_yaml}"
+    );
+    let (_, described, _) = skiff(&c, &["describe", "service", "spread", "-n", "demo"]);
+    assert!(described.contains("Scheduled"), "{described}");
+
+    // The node comes back: it runs none of its old instances.
+    devsupport_ip(&["-n", &c.lan, "link", "set", &victim.lan_if, "up"]);
+    let agent = c.start_agent(0).unwrap_or_else(|e| panic!("{e}"));
+    c.adopt_agent(0, agent);
+    eventually(
+        Duration::from_secs(20),
+        "n1 ready again",
+        || {
+            let (_, out, _) = skiff(&c, &["get", "node", &victim.name, "-o", "json"]);
+            let v: Value = serde_json::from_str(&out).ok()?;
+            (v.pointer("/status/ready") == Some(&Value::Bool(true))).then_some(())
+        },
+        || log_tail(&c, &victim.name),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let now = instances(&c, "demo", "spread");
+    assert_eq!(now.len(), 6);
+    assert_eq!(pids_with(&app).len(), 6, "no old instance came back");
+    let peak = sampler.peak();
+    assert!(
+        peak <= 6,
+        "at most 6 copies ran at any sampled moment, saw {peak}"
+    );
+    let leftovers: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(&format!("{}-", victim.tag)))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        leftovers.is_empty(),
+        "the returning agent removed its old namespaces: {leftovers:?}"
+    );
+}
+
+#[test]
+fn a_partitioned_node_fences_itself_before_its_replacements_start() {
+    if !can_run("a_partitioned_node_fences_itself_before_its_replacements_start") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let c = cluster(dir.path(), 3, true);
+    let app = format!("fence-{}", rand_suffix());
+    apply(
+        &c,
+        dir.path(),
+        "fence.yaml",
+        &service("demo", "fence", 6, &app),
+    );
+    eventually(
+        Duration::from_secs(60),
+        "6 ready replicas",
+        || {
+            let items = instances(&c, "demo", "fence");
+            (items.len() == 6 && items.iter().all(ready)).then_some(())
+        },
+        || format!("{:#?}", instances(&c, "demo", "fence")),
+    );
+    // Cut n1 off; its agent and instances keep running.
+    let mut sampler = Sampler::start(app.clone());
+    let victim = c.nodes[0].clone();
+    devsupport_ip(&["-n", &c.lan, "link", "set", &victim.lan_if, "down"]);
+    eventually(
+        Duration::from_secs(30),
+        "6 ready replicas on the other nodes",
+        || {
+            let items = instances(&c, "demo", "fence");
+            (items.len() == 6
+                && items
+                    .iter()
+                    .all(|i| ready(i) && s(i, "/spec/node") != victim.name))
+            .then_some(())
+        },
+        || format!("{:#?}", instances(&c, "demo", "fence")),
+    );
+    devsupport_ip(&["-n", &c.lan, "link", "set", &victim.lan_if, "up"]);
+    eventually(
+        Duration::from_secs(20),
+        "n1 ready again",
+        || {
+            let (_, out, _) = skiff(&c, &["get", "node", &victim.name, "-o", "json"]);
+            let v: Value = serde_json::from_str(&out).ok()?;
+            (v.pointer("/status/ready") == Some(&Value::Bool(true))).then_some(())
+        },
+        || log_tail(&c, &victim.name),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        pids_with(&app).len(),
+        6,
+        "the returning node did not restart its old instances"
+    );
+    let peak = sampler.peak();
+    assert!(
+        peak <= 6,
+        "self-fencing kept the copies at 6 or fewer, saw {peak}"
+    );
+}
+
+#[test]
+fn oom_bad_command_unschedulable_and_control_plane_restart() {
+    if !can_run("oom_bad_command_unschedulable_and_control_plane_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut c = cluster(dir.path(), 2, false);
+    let app = format!("steady-{}", rand_suffix());
+    apply(
+        &c,
+        dir.path(),
+        "bad.yaml",
+        &format!(
+            r#"apiVersion: skiff.dev/v1
+kind: Service
+metadata: {{name: hog, namespace: demo}}
+spec:
+  run: {{command: sh, args: [-c, "head -c 400m /dev/zero | tail"]}}
+  resources: {{limits: {{memory: 48Mi}}}}
+---
+apiVersion: skiff.dev/v1
+kind: Service
+metadata: {{name: missing, namespace: demo}}
+spec:
+  run: {{command: /no/such/command}}
+---
+apiVersion: skiff.dev/v1
+kind: Service
+metadata: {{name: huge, namespace: demo}}
+spec:
+  run: {{command: sleep, args: ["1000"]}}
+  resources: {{requests: {{cpu: "64"}}}}
+---
+{}"#,
+            service("demo", "steady", 2, &app)
+        ),
+    );
+
+    // Out of memory: killed, restarted with growing backoff, visible in describe.
+    let described = eventually(
+        Duration::from_secs(40),
+        "hog OOM-killed twice",
+        || {
+            let (_, out, _) = skiff(&c, &["describe", "service", "hog", "-n", "demo"]);
+            (out.matches("OOMKilled").count() >= 2 && out.contains("restarting in 2s"))
+                .then_some(out)
+        },
+        || skiff(&c, &["describe", "service", "hog", "-n", "demo"]).1,
+    );
+    assert!(described.contains("restarting in 1s"), "{described}");
+    assert!(described.contains("limit 48Mi"), "{described}");
+
+    // A command that does not exist: a clear event.
+    let described = eventually(
+        Duration::from_secs(30),
+        "missing command reported",
+        || {
+            let (_, out, _) = skiff(&c, &["describe", "service", "missing", "-n", "demo"]);
+            out.contains("command `/no/such/command` not found")
+                .then_some(out)
+        },
+        || skiff(&c, &["describe", "service", "missing", "-n", "demo"]).1,
+    );
+    assert!(described.contains("exited with code 127"), "{described}");
+
+    // More than any node has: pending, with the scheduler's explanation.
+    let huge = eventually(
+        Duration::from_secs(20),
+        "huge pending with an explanation",
+        || {
+            let items = instances(&c, "demo", "huge");
+            items
+                .into_iter()
+                .find(|i| s(i, "/status/phase") == "pending" && !s(i, "/status/message").is_empty())
+        },
+        || format!("{:#?}", instances(&c, "demo", "huge")),
+    );
+    assert!(s(&huge, "/status/message").contains("cpu"), "{huge:#}");
+
+    // The control plane goes away for longer than the node grace.
+    let steady = eventually(
+        Duration::from_secs(60),
+        "steady ready",
+        || {
+            let items = instances(&c, "demo", "steady");
+            (items.len() == 2 && items.iter().all(ready)).then_some(items)
+        },
+        || format!("{:#?}", instances(&c, "demo", "steady")),
+    );
+    let pids_before = {
+        let mut p = pids_with(&app);
+        p.sort();
+        p
+    };
+    assert_eq!(pids_before.len(), 2);
+    c.stop_server();
+    std::thread::sleep(Duration::from_secs(5));
+    let mut pids_during = pids_with(&app);
+    pids_during.sort();
+    assert_eq!(
+        pids_during, pids_before,
+        "instances run on while the control plane is down"
+    );
+    c.start_server().unwrap_or_else(|e| panic!("{e:#}"));
+    std::thread::sleep(Duration::from_secs(4));
+    let mut pids_after = pids_with(&app);
+    pids_after.sort();
+    assert_eq!(
+        pids_after, pids_before,
+        "no node was fenced and nothing restarted"
+    );
+    let names: Vec<&str> = steady.iter().map(|i| s(i, "/metadata/name")).collect();
+    let now = instances(&c, "demo", "steady");
+    assert!(
+        now.iter().all(|i| names.contains(&s(i, "/metadata/name"))),
+        "the same instances: {now:#?}"
+    );
+    // And the agents still act on changes.
+    apply(
+        &c,
+        dir.path(),
+        "scale.yaml",
+        &service("demo", "steady", 3, &app),
+    );
+    eventually(
+        Duration::from_secs(30),
+        "scaled to 3 after the restart",
+        || {
+            (pids_with(&app).len() == 3
+                && instances(&c, "demo", "steady")
+                    .iter()
+                    .filter(|i| ready(i))
+                    .count()
+                    == 3)
+                .then_some(())
+        },
+        || format!("{:#?}", instances(&c, "demo", "steady")),
+    );
+}
+
+fn devsupport_ip(args: &[&str]) {
+    skiff_cli::dev::ip(args).unwrap_or_else(|e| panic!("{e:#}"));
+}
