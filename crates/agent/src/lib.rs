@@ -2,6 +2,7 @@
 //! namespace, cgroups, supervised process, health checks), and its hollow
 //! mode (as Kubemark and KWOK do) for control-plane scale tests.
 
+pub mod logs;
 pub mod node;
 pub mod runtime;
 pub mod supervise;

@@ -37,6 +37,10 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub heartbeat: Duration,
     pub stop_grace: Duration,
+    /// Port of the log endpoint, on `address`.
+    pub log_port: u16,
+    /// The join token: it verifies the API server's signed log reads.
+    pub join_token: String,
     /// Stop every instance once heartbeats have failed for half the
     /// control plane's node grace (before replacements start elsewhere).
     pub self_fence: bool,
@@ -70,6 +74,19 @@ pub async fn run(
         tracing::info!(cgroup = %line, "Cgroup hierarchy");
     }
     net::enable_forwarding()?;
+    let listener = tokio::net::TcpListener::bind((cfg.address, cfg.log_port))
+        .await
+        .map_err(|e| {
+            AgentError::Setup(format!(
+                "log endpoint on {}:{}: {e}",
+                cfg.address, cfg.log_port
+            ))
+        })?;
+    tokio::spawn(crate::logs::serve(
+        listener,
+        cfg.data_dir.join("logs"),
+        cfg.join_token.clone(),
+    ));
     let generation = register(&client, &cfg, &cgroups).await?;
     let (gen_tx, gen_rx) = watch::channel(generation);
     let (cut_tx, cut_rx) = watch::channel(false);
@@ -127,6 +144,8 @@ async fn register(client: &Client, cfg: &NodeConfig, cgroups: &Cgroups) -> Resul
             "capacity": {"cpu": cpu, "memory": memory},
             "allocatable": {"cpu": cpu, "memory": memory},
             "address": cfg.address.to_string(),
+            "agentPort": cfg.log_port,
+            "runtime": cgroups.enforcement,
             "ready": true,
             "generation": generation,
         })

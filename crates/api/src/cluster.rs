@@ -43,6 +43,12 @@ pub struct NodeStatus {
     pub ready: bool,
     /// Fencing generation: bumped each time the node is declared lost.
     pub generation: u64,
+    /// The agent's port for log reads (signed by the API server), on `address`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_port: Option<u16>,
+    /// Which resource limits the node enforces, and why not where it does not.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runtime: Vec<String>,
 }
 
 impl Decode for NodeSpec {
@@ -73,7 +79,15 @@ impl Decode for NodeStatus {
     fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
         let m = cx.fields(
             node,
-            &["capacity", "allocatable", "address", "ready", "generation"],
+            &[
+                "capacity",
+                "allocatable",
+                "address",
+                "ready",
+                "generation",
+                "agentPort",
+                "runtime",
+            ],
         )?;
         Some(NodeStatus {
             capacity: m.or_default(cx, "capacity"),
@@ -81,6 +95,8 @@ impl Decode for NodeStatus {
             address: m.opt(cx, "address"),
             ready: m.or_default(cx, "ready"),
             generation: m.or_default(cx, "generation"),
+            agent_port: m.opt(cx, "agentPort"),
+            runtime: m.or_default(cx, "runtime"),
         })
     }
 }

@@ -240,7 +240,7 @@ fn header(kind: &KindInfo, show_ns: bool, wide: bool) -> Vec<String> {
     h.push("NAME");
     h.extend(match kind.kind {
         "Service" => &["REPLICAS", "PORTS"][..],
-        "Instance" => &["SERVICE", "NODE", "PHASE", "READY", "ADDRESS"][..],
+        "Instance" => &["SERVICE", "NODE", "PHASE", "READY", "ADDRESS", "RESTARTS"][..],
         "Node" => &["READY", "ADDRESS", "POD CIDR", "SCHEDULABLE"][..],
         "Policy" => &["SELECTOR", "MODE", "INGRESS", "EGRESS"][..],
         "NetworkPolicy" => &["POD SELECTOR", "INGRESS", "EGRESS"][..],
@@ -341,6 +341,7 @@ fn row(kind: &KindInfo, o: &Value, show_ns: bool, wide: bool) -> Vec<String> {
                 "/status/phase",
                 "/status/ready",
                 "/status/address",
+                "/status/restarts",
             ] {
                 r.push(text(p(path)));
             }

@@ -206,6 +206,39 @@ impl Client {
             .map_err(|e| self.connect_error(&e))
     }
 
+    /// An instance's output, as the server streams it from the instance's
+    /// node: the last `tail` lines (all without), then, with `follow`, what
+    /// is written after, until the connection ends.
+    pub async fn logs(
+        &self,
+        namespace: &str,
+        name: &str,
+        tail: Option<usize>,
+        follow: bool,
+    ) -> Result<hyper::body::Incoming> {
+        let instances = KindInfo::find("instances")
+            .ok_or_else(|| ClientError::Setup("no Instance kind".into()))?;
+        let mut p = format!(
+            "{}/log?follow={follow}",
+            path(instances, Some(namespace), Some(name))
+        );
+        if let Some(n) = tail {
+            p.push_str(&format!("&tail={n}"));
+        }
+        let response = self.send(Method::GET, &p, None).await?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.connect_error(&e))?
+                .to_bytes();
+            return Err(api_error(status, &bytes));
+        }
+        Ok(response.into_body())
+    }
+
     fn connect_error(&self, e: &dyn std::error::Error) -> ClientError {
         let mut message = e.to_string();
         let mut source = e.source();

@@ -53,6 +53,8 @@ enum Sub {
     Status,
     /// `/heartbeat` (nodes): renews the node's liveness lease.
     Heartbeat,
+    /// `/log` (instances): the instance's output, read from its node's agent.
+    Log,
 }
 
 /// What a path names.
@@ -134,6 +136,9 @@ async fn dispatch(state: &Arc<AppState>, req: Request) -> Result<Response, ApiEr
     let method = req.method().clone();
     match (method, &target.name, target.sub) {
         (Method::PUT, Some(node), Sub::Heartbeat) => heartbeat(state, &who, &target, node).await,
+        (Method::GET, Some(_), Sub::Log) => {
+            crate::logs::read(state, &who, &target.key(), &query).await
+        }
         (Method::GET, Some(_), Sub::None) => get(state, &who, &target).await,
         (Method::GET, None, _) if query.watch => watch_stream(state, &who, &target, &query).await,
         (Method::GET, None, _) => list(state, &who, &target, &query).await,
@@ -173,6 +178,7 @@ fn parse_path(path: &str) -> Result<Target, ApiError> {
         [plural, name] => (*plural, Some(name.to_string()), Sub::None),
         [plural, name, "status"] => (*plural, Some(name.to_string()), Sub::Status),
         [plural, name, "heartbeat"] => (*plural, Some(name.to_string()), Sub::Heartbeat),
+        [plural, name, "log"] => (*plural, Some(name.to_string()), Sub::Log),
         _ => return Err(not_found()),
     };
     let Some(kind) = KINDS
@@ -203,6 +209,12 @@ fn parse_path(path: &str) -> Result<Target, ApiError> {
     if sub == Sub::Status && !kind.has_status {
         return Err(ApiError::not_found(format!("{} has no status", kind.kind)));
     }
+    if sub == Sub::Log && kind.kind != "Instance" {
+        return Err(ApiError::not_found(format!(
+            "{} has no log; instances do",
+            kind.kind
+        )));
+    }
     if sub == Sub::Heartbeat && kind.kind != "Node" {
         return Err(ApiError::not_found(format!(
             "{} has no heartbeat; only nodes do",
@@ -218,7 +230,11 @@ fn parse_path(path: &str) -> Result<Target, ApiError> {
 }
 
 #[derive(Debug, Default)]
-struct Query {
+pub(crate) struct Query {
+    /// `/log`: the last this many lines.
+    pub tail: Option<usize>,
+    /// `/log`: keep streaming what is appended.
+    pub follow: bool,
     watch: bool,
     revision: Option<u64>,
     selector: LabelSelector,
@@ -239,13 +255,21 @@ impl Query {
                         ApiError::bad_request(format!("revision must be a number, found {v:?}"))
                     })?)
                 }
+                "tail" => {
+                    out.tail = Some(v.parse().map_err(|_| {
+                        ApiError::bad_request(format!(
+                            "tail must be a number of lines, found {v:?}"
+                        ))
+                    })?)
+                }
+                "follow" => out.follow = matches!(v.as_str(), "true" | "1"),
                 "labelSelector" => {
                     out.selector = LabelSelector::parse(&v)
                         .map_err(|e| ApiError::bad_request(format!("labelSelector: {e}")))?
                 }
                 _ => {
                     return Err(ApiError::bad_request(format!(
-                        "unknown query parameter `{k}`; known: watch, revision, labelSelector"
+                        "unknown query parameter `{k}`; known: watch, revision, labelSelector, tail, follow"
                     )));
                 }
             }

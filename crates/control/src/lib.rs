@@ -6,6 +6,7 @@ pub mod auth;
 pub mod controllers;
 pub mod error;
 pub mod ipam;
+mod logs;
 pub mod metrics;
 pub mod pki;
 mod serve;

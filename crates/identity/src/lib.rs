@@ -4,6 +4,8 @@
 //! Every function takes the current time as an argument; nothing here reads
 //! a clock. Keys are ECDSA P-256.
 
+pub mod signed;
+
 use std::net::IpAddr;
 use std::time::Duration;
 

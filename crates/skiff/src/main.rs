@@ -45,6 +45,8 @@ enum Command {
     Delete(resources::DeleteArgs),
     /// Show how the cluster differs from manifests (exit 1 if it does).
     Diff(resources::DiffArgs),
+    /// An instance's output (stdout and stderr), from its node.
+    Logs(skiff_cli::logs::LogsArgs),
     /// One service, instance or node in prose, with recent events.
     Describe(skiff_cli::describe::DescribeArgs),
     /// Place no new instances on a node.
@@ -76,6 +78,9 @@ struct AgentArgs {
     /// Node labels, `key=value` (repeatable), e.g. `--label zone=a`.
     #[arg(long = "label")]
     labels: Vec<String>,
+    /// Port of the agent's log endpoint (the API server reads logs there).
+    #[arg(long, default_value_t = 7444)]
+    log_port: u16,
     /// Where instance logs live.
     #[arg(long, default_value = "/var/lib/skiff-agent")]
     data_dir: std::path::PathBuf,
@@ -166,6 +171,7 @@ fn main() -> ExitCode {
         Command::InternalExec(args) => internal_exec(args),
         Command::Dev(args) => skiff_cli::dev::run(args),
         Command::Describe(args) => skiff_cli::describe::run(args),
+        Command::Logs(args) => skiff_cli::logs::run(args),
         Command::DemoApp(args) => skiff_cli::demo_app::run(args),
         Command::Apply(args) => resources::apply(args),
         Command::Get(args) => resources::get(args),
@@ -310,6 +316,8 @@ fn agent(args: &AgentArgs) -> anyhow::Result<u8> {
         heartbeat: std::time::Duration::from_secs(1),
         stop_grace: std::time::Duration::from_secs_f64(args.stop_grace),
         self_fence: args.self_fence,
+        log_port: args.log_port,
+        join_token: args.join_token.trim().to_string(),
     };
     runtime.block_on(skiff_agent::node::run(client, cfg, shutdown_signal()))?;
     Ok(0)

@@ -334,6 +334,38 @@ spec:
         || skiff(&c, &["describe", "service", "missing", "-n", "demo"]).1,
     );
     assert!(described.contains("exited with code 127"), "{described}");
+    // The same line in its log, read through the server from the agent.
+    let missing = instances(&c, "demo", "missing");
+    let name = s(&missing[0], "/metadata/name").to_string();
+    let (ok, log, err) = skiff(&c, &["logs", &name, "-n", "demo", "--tail", "1"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        log.trim(),
+        "skiff: command `/no/such/command` not found",
+        "{log}"
+    );
+    // Agents answer only requests the server signed.
+    let node = c
+        .nodes
+        .iter()
+        .find(|n| n.name == s(&missing[0], "/spec/node"))
+        .map(|n| n.address)
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+    let unsigned = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "3",
+            &format!("http://{node}:7444/logs/demo/{name}"),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    assert_eq!(unsigned, "401", "an unsigned log read is refused");
 
     // More than any node has: pending, with the scheduler's explanation.
     let huge = eventually(
