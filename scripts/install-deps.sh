@@ -9,8 +9,10 @@ set -euo pipefail
 #   pkg-config     crates probing system libraries
 #   ca-certificates  reaching the package registries over HTTPS
 #   prometheus     promtool, which checks the API server's /metrics in the tests
-#   curl           talking to the API by hand in the README's examples
-PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl)
+#   curl           talking to the API by hand in the README's examples; the demo and the
+#                  end-to-end tests reach instances with it
+#   iproute2       `ip`: the agent and `skiff dev` make namespaces, veths and routes with it
+PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl iproute2)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -46,7 +46,7 @@ fn reference_example_means_what_it_says() {
         panic!()
     };
     let s = &svc.spec;
-    assert_eq!(svc.namespace(), "shop");
+    assert_eq!(svc.namespace(), "reference");
     assert_eq!(s.replicas, 3);
     assert_eq!(s.resources.requests["cpu"].milli(), 250);
     assert_eq!(s.resources.limits["memory"].units_ceil(), 256 << 20);

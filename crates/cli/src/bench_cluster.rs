@@ -26,6 +26,10 @@ pub struct FailoverArgs {
     /// Seconds without heartbeats before a node is lost.
     #[arg(long, default_value_t = 3.0)]
     pub grace: f64,
+    /// Hollow nodes (control plane only, no root needed) instead of a
+    /// real `skiff dev` cluster with processes, namespaces and cgroups.
+    #[arg(long)]
+    pub hollow: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -175,6 +179,9 @@ fn running_on(items: &[Value], not_on: Option<&str>) -> usize {
 
 pub fn failover(args: &FailoverArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(args.nodes >= 2, "--nodes must be at least 2");
+    if !args.hollow {
+        return failover_real(args);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -278,6 +285,112 @@ pub fn failover(args: &FailoverArgs) -> anyhow::Result<u8> {
         }))
     })?;
     println!("{out}");
+    Ok(0)
+}
+
+/// Failover on a real local cluster: node 0's agent and instances are
+/// killed and its link cut; times until the control plane declares it lost
+/// and until every replica is ready elsewhere; the most copies of the app
+/// that ran at once (processes, sampled every 10 ms).
+fn failover_real(args: &FailoverArgs) -> anyhow::Result<u8> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the real failover bench runs a local cluster: run it as root, or pass --hollow"
+    );
+    let dir = tempfile::tempdir()?;
+    let options = crate::dev::Options {
+        nodes: args.nodes,
+        node_grace: args.grace,
+        self_fence: false,
+        config: dir.path().join("config"),
+    };
+    let mut c = crate::dev::Cluster::up(&std::env::current_exe()?, &options)?;
+    let app = format!("bench-failover-{}", std::process::id());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let client = c.client()?;
+    let instances = kind("instances")?;
+    let r = args.replicas as usize;
+    let ready_off = |items: &[Value], off: Option<&str>| {
+        items
+            .iter()
+            .filter(|i| i.pointer("/status/ready").and_then(Value::as_bool) == Some(true))
+            .filter(|i| {
+                off.is_none_or(|o| i.pointer("/spec/node").and_then(Value::as_str) != Some(o))
+            })
+            .count()
+    };
+    runtime.block_on(async {
+        let mut svc = service("bench", "web", r, "100m", "32Mi");
+        svc["spec"]["run"] = json!({"command": "skiff", "args": ["demo-app", "--name", app, "--listen", "0.0.0.0:8080"]});
+        svc["spec"]["ports"] = json!([{"name": "http", "port": 8080}]);
+        svc["spec"]["health"] = json!({"readiness": {"http": {"path": "/ready", "port": "http"}, "period": "1s"}});
+        client.create(kind("services")?, Some("bench"), &svc).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ready_off(&client.list(instances, Some("bench"), None).await?.items, None) < r {
+            anyhow::ensure!(Instant::now() < deadline, "replicas did not become ready within 60s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(())
+    })?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, app) = (stop.clone(), app.clone());
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(crate::dev::app_processes(&app).len());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        })
+    };
+    let victim = c.nodes[0].clone();
+    let killed = Instant::now();
+    c.kill_agent(0);
+    skiff_agent::runtime::cgroup::remove_agent_dirs(&victim.tag);
+    crate::dev::ip(&["-n", &c.lan, "link", "set", &victim.lan_if, "down"])?;
+    let nodes = kind("nodes")?;
+    let (detect, replaced) = runtime.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut detect = None;
+        loop {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "replicas were not replaced within 60s"
+            );
+            if detect.is_none()
+                && client
+                    .get(nodes, None, &victim.name)
+                    .await?
+                    .is_some_and(|n| n["status"]["ready"] == false)
+            {
+                detect = Some(killed.elapsed());
+            }
+            let items = client.list(instances, Some("bench"), None).await?.items;
+            if detect.is_some() && ready_off(&items, Some(&victim.name)) >= r {
+                return Ok((detect.unwrap_or_default(), killed.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
+    c.teardown();
+    println!(
+        "{}",
+        json!({
+            "bench": "failover",
+            "nodes": args.nodes,
+            "replicas": args.replicas,
+            "grace_s": args.grace,
+            "detect_s": round(detect.as_secs_f64(), 3),
+            "replaced_ready_s": round(replaced.as_secs_f64(), 3),
+            "max_instances": peak,
+            "runtime": "real (skiff dev: namespaces, cgroups, processes)",
+        })
+    );
     Ok(0)
 }
 

@@ -643,6 +643,32 @@ fn first_line_with(
     rx.recv_timeout(within).ok()
 }
 
+/// Pids of the `skiff demo-app --name NAME…` processes whose command line
+/// contains `name` (the app itself, not an `internal-exec` on its way to it).
+pub fn app_processes(name: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        let has = |s: &str| {
+            args.iter()
+                .any(|a| a.windows(s.len()).any(|w| w == s.as_bytes()))
+        };
+        if has(name) && has("demo-app") && !has("internal-exec") {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 fn set_mode(p: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))

@@ -473,15 +473,15 @@ async fn create(
             t.kind.kind, t.kind.api_version, t.kind.plural
         )));
     }
+    let mut v = serde_json::to_value(&r).map_err(|e| ApiError::internal(e.to_string()))?;
     authorize(
         who,
         Verb::Create,
         t.kind,
         t.namespace.as_deref(),
         t.name.as_deref(),
-        None,
+        Some(&v),
     )?;
-    let mut v = serde_json::to_value(&r).map_err(|e| ApiError::internal(e.to_string()))?;
     let bytes = stored_json(&mut v)?;
     let revision = state.store.create(&t.key(), bytes, None).await?;
     tracing::info!(object.kind = t.kind.kind, object.name = ?t.name, revision, "Created");
@@ -582,7 +582,7 @@ async fn heartbeat(
     t: &Target,
     node: &str,
 ) -> Result<Response, ApiError> {
-    authorize(who, Verb::Update, t.kind, None, Some(node), None)?;
+    authorize(who, Verb::UpdateStatus, t.kind, None, Some(node), None)?;
     let Some(kv) = state.store.get(&t.key()).await? else {
         return Err(ApiError::not_found(format!(
             "Node {node} not found: register it (POST the Node) first"

@@ -84,7 +84,13 @@ pub fn authenticate(
 }
 
 /// Whether `who` may apply `verb` to the object. `stored` is the current
-/// object, when there is one (instance status checks its assigned node).
+/// object, when there is one (instance status checks its assigned node),
+/// or for a create the object being created.
+///
+/// Agents may register their own Node (without a pod range: the control
+/// plane assigns those), renew its heartbeat and write its status, and
+/// write the status of instances assigned to them; nothing else. They
+/// cannot change a Node's spec, so a node cannot lift its own cordon.
 pub fn authorize(
     who: &Principal,
     verb: Verb,
@@ -97,15 +103,22 @@ pub fn authorize(
         Principal::Admin { .. } => true,
         Principal::Node { name: node } => match verb {
             Verb::Get | Verb::List | Verb::Watch => true,
-            Verb::Create | Verb::Update | Verb::UpdateStatus => {
+            Verb::Create => {
+                kind.kind == "Node"
+                    && name == Some(node.as_str())
+                    && stored
+                        .and_then(|o| o.pointer("/spec/podCIDR"))
+                        .is_none_or(Value::is_null)
+            }
+            Verb::UpdateStatus => {
                 (kind.kind == "Node" && name == Some(node.as_str()))
                     || (kind.kind == "Instance"
-                        && verb == Verb::UpdateStatus
                         && stored
                             .and_then(|o| o.pointer("/spec/node"))
                             .and_then(Value::as_str)
                             == Some(node.as_str()))
             }
+            Verb::Update => false,
             Verb::Delete => false,
         },
     };

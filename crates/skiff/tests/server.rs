@@ -256,6 +256,38 @@ async fn credentials_are_checked() {
             .status(),
         Some(403)
     );
+    // …its status and heartbeat, never its spec: no lifting its own cordon,
+    // no claiming a pod range.
+    let mut cordoned = admin.get(nodes, None, "n2").await.unwrap().unwrap();
+    cordoned["spec"]["unschedulable"] = json!(true);
+    admin.update(nodes, None, "n2", &cordoned).await.unwrap();
+    let mut uncordon = admin.get(nodes, None, "n2").await.unwrap().unwrap();
+    uncordon["spec"]["unschedulable"] = json!(false);
+    assert_eq!(
+        node_cert
+            .update(nodes, None, "n2", &uncordon)
+            .await
+            .unwrap_err()
+            .status(),
+        Some(403)
+    );
+    node_cert
+        .update_status(nodes, None, "n2", &uncordon)
+        .await
+        .unwrap();
+    node_cert.heartbeat("n2").await.unwrap();
+    assert_eq!(
+        admin.get(nodes, None, "n2").await.unwrap().unwrap()["spec"]["unschedulable"],
+        true,
+        "a status write leaves the spec alone"
+    );
+    let mut claim = node("n3");
+    claim["spec"]["podCIDR"] = json!("198.19.7.0/24");
+    let n3 = token_client(&server, &server.join_token(), Some("n3"));
+    assert_eq!(
+        n3.create(nodes, None, &claim).await.unwrap_err().status(),
+        Some(403)
+    );
     // …never a Service…
     let svc = json!({"apiVersion": "skiff.dev/v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"}, "spec": {"replicas": 9, "run": {"command": "/bin/evil"}}});
     for client in [&agent, &node_cert] {

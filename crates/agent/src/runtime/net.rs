@@ -97,10 +97,10 @@ impl PodNet {
 
     /// Deletes the namespace (which takes the veth pair and its route along).
     pub async fn remove(&self) {
-        if let Err(e) = ip(&["netns", "del", &self.netns]).await {
-            if PathBuf::from(NETNS_DIR).join(&self.netns).exists() {
-                tracing::warn!(netns = %self.netns, error = %e, "Cannot delete network namespace");
-            }
+        if let Err(e) = ip(&["netns", "del", &self.netns]).await
+            && PathBuf::from(NETNS_DIR).join(&self.netns).exists()
+        {
+            tracing::warn!(netns = %self.netns, error = %e, "Cannot delete network namespace");
         }
         // A veth whose namespace went away early disappears with it; one
         // left by a half-done setup does not.

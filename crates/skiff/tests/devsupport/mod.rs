@@ -137,30 +137,9 @@ pub fn ready(v: &Value) -> bool {
     v.pointer("/status/ready").and_then(Value::as_bool) == Some(true)
 }
 
-/// Pids of processes whose command line contains `needle` (demo apps are
-/// named uniquely per test, so this counts one service's copies).
+/// Pids of one demo app's processes (named uniquely per test).
 pub fn pids_with(needle: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let cmd: String = cmd
-            .iter()
-            .map(|&b| if b == 0 { ' ' } else { b as char })
-            .collect();
-        // The app itself, not the internal-exec parent that became it.
-        if cmd.contains(needle) && cmd.contains("demo-app") && !cmd.contains("internal-exec") {
-            pids.push(pid);
-        }
-    }
-    pids
+    skiff_cli::dev::app_processes(needle)
 }
 
 /// `curl` from inside a network namespace; the body, or why it failed.
