@@ -87,7 +87,8 @@ pub async fn simulate(client: Client, sim: Simulation) -> Result<(), ClientError
     Ok(())
 }
 
-fn id_of(v: &Value) -> String {
+/// `namespace/name` of an object.
+pub(crate) fn id_of(v: &Value) -> String {
     format!(
         "{}/{}",
         v.pointer("/metadata/namespace")

@@ -15,6 +15,7 @@ use skiff_api::service::ServiceSpec;
 use skiff_client::{Client, ClientError, EventType};
 use tokio::sync::watch;
 
+use crate::id_of;
 use crate::runtime::cgroup::Cgroups;
 use crate::runtime::instance::{Handle, NodeRuntime, Plan};
 use crate::runtime::net::{self, PodNet};
@@ -354,16 +355,6 @@ fn name_of(v: &Value) -> String {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string()
-}
-
-fn id_of(v: &Value) -> String {
-    format!(
-        "{}/{}",
-        v.pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .unwrap_or_default(),
-        name_of(v)
-    )
 }
 
 struct Running {

@@ -273,19 +273,36 @@ pub fn failover(args: &FailoverArgs) -> anyhow::Result<u8> {
         let replaced = killed.elapsed();
         let peak = *peak_rx.borrow_and_update();
         drop(c.server);
-        anyhow::Ok(json!({
-            "bench": "failover",
-            "nodes": args.nodes,
-            "replicas": args.replicas,
-            "grace_s": args.grace,
-            "detect_s": round(detect.as_secs_f64(), 3),
-            "replaced_ready_s": round(replaced.as_secs_f64(), 3),
-            "max_instances": peak,
-            "runtime": "hollow nodes (control plane only)",
-        }))
+        anyhow::Ok(failover_json(
+            args,
+            detect,
+            replaced,
+            peak as usize,
+            "hollow nodes (control plane only)",
+        ))
     })?;
     println!("{out}");
     Ok(0)
+}
+
+/// The failover bench's JSON line.
+fn failover_json(
+    args: &FailoverArgs,
+    detect: Duration,
+    replaced: Duration,
+    peak: usize,
+    runtime: &str,
+) -> Value {
+    json!({
+        "bench": "failover",
+        "nodes": args.nodes,
+        "replicas": args.replicas,
+        "grace_s": args.grace,
+        "detect_s": round(detect.as_secs_f64(), 3),
+        "replaced_ready_s": round(replaced.as_secs_f64(), 3),
+        "max_instances": peak,
+        "runtime": runtime,
+    })
 }
 
 /// Failover on a real local cluster: node 0's agent and instances are
@@ -380,16 +397,13 @@ fn failover_real(args: &FailoverArgs) -> anyhow::Result<u8> {
     c.teardown();
     println!(
         "{}",
-        json!({
-            "bench": "failover",
-            "nodes": args.nodes,
-            "replicas": args.replicas,
-            "grace_s": args.grace,
-            "detect_s": round(detect.as_secs_f64(), 3),
-            "replaced_ready_s": round(replaced.as_secs_f64(), 3),
-            "max_instances": peak,
-            "runtime": "real (skiff dev: namespaces, cgroups, processes)",
-        })
+        failover_json(
+            args,
+            detect,
+            replaced,
+            peak,
+            "real (skiff dev: namespaces, cgroups, processes)"
+        )
     );
     Ok(0)
 }

@@ -90,21 +90,9 @@ pub fn render(kind: &str, object: &Value, instances: &[&Value]) -> String {
         }
         "Node" => {
             line("Address:", str_at(object, "/status/address").to_string());
-            line(
-                "Ready:",
-                object
-                    .pointer("/status/ready")
-                    .map(Value::to_string)
-                    .unwrap_or_default(),
-            );
+            line("Ready:", raw(object, "/status/ready"));
             line("Pod range:", str_at(object, "/spec/podCIDR").to_string());
-            line(
-                "Generation:",
-                object
-                    .pointer("/status/generation")
-                    .map(Value::to_string)
-                    .unwrap_or_default(),
-            );
+            line("Generation:", raw(object, "/status/generation"));
             line(
                 "Capacity:",
                 format!(
@@ -125,21 +113,9 @@ pub fn render(kind: &str, object: &Value, instances: &[&Value]) -> String {
             line("Service:", str_at(object, "/spec/service").to_string());
             line("Node:", str_at(object, "/spec/node").to_string());
             line("Phase:", str_at(object, "/status/phase").to_string());
-            line(
-                "Ready:",
-                object
-                    .pointer("/status/ready")
-                    .map(Value::to_string)
-                    .unwrap_or_default(),
-            );
+            line("Ready:", raw(object, "/status/ready"));
             line("Address:", str_at(object, "/status/address").to_string());
-            line(
-                "Restarts:",
-                object
-                    .pointer("/status/restarts")
-                    .map(Value::to_string)
-                    .unwrap_or_default(),
-            );
+            line("Restarts:", raw(object, "/status/restarts"));
             let message = str_at(object, "/status/message");
             if !message.is_empty() {
                 line("Message:", message.to_string());
@@ -204,6 +180,11 @@ fn run_line(service: &Value) -> String {
         parts.extend(args.iter().filter_map(Value::as_str).map(str::to_string));
     }
     parts.join(" ")
+}
+
+/// Any value as JSON text (numbers, booleans), empty when absent.
+fn raw(v: &Value, pointer: &str) -> String {
+    v.pointer(pointer).map(Value::to_string).unwrap_or_default()
 }
 
 fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {

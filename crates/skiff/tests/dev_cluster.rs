@@ -86,15 +86,7 @@ fn replicas_spread_answer_across_nodes_and_fail_over_without_resurrection() {
         "spread.yaml",
         &service("demo", "spread", 6, &app),
     );
-    let items = eventually(
-        Duration::from_secs(60),
-        "6 ready replicas",
-        || {
-            let items = instances(&c, "demo", "spread");
-            (items.len() == 6 && items.iter().all(ready)).then_some(items)
-        },
-        || format!("{:#?}", instances(&c, "demo", "spread")),
-    );
+    let items = ready_replicas(&c, "spread", 6, None);
     let spread = per_node(&items);
     assert_eq!(
         spread.values().copied().collect::<Vec<_>>(),
@@ -133,19 +125,7 @@ fn replicas_spread_answer_across_nodes_and_fail_over_without_resurrection() {
     c.kill_agent(0);
     skiff_agent::runtime::cgroup::remove_agent_dirs(&victim.tag);
     devsupport_ip(&["-n", &c.lan, "link", "set", &victim.lan_if, "down"]);
-    let after = eventually(
-        Duration::from_secs(30),
-        "6 ready replicas on the surviving nodes",
-        || {
-            let items = instances(&c, "demo", "spread");
-            (items.len() == 6
-                && items
-                    .iter()
-                    .all(|i| ready(i) && s(i, "/spec/node") != victim.name))
-            .then_some(items)
-        },
-        || format!("{:#?}", instances(&c, "demo", "spread")),
-    );
+    let after = ready_replicas(&c, "spread", 6, Some(&victim.name));
     assert!(
         after
             .iter()
@@ -173,16 +153,7 @@ fn replicas_spread_answer_across_nodes_and_fail_over_without_resurrection() {
     devsupport_ip(&["-n", &c.lan, "link", "set", &victim.lan_if, "up"]);
     let agent = c.start_agent(0).unwrap_or_else(|e| panic!("{e}"));
     c.adopt_agent(0, agent);
-    eventually(
-        Duration::from_secs(20),
-        "n1 ready again",
-        || {
-            let (_, out, _) = skiff(&c, &["get", "node", &victim.name, "-o", "json"]);
-            let v: Value = serde_json::from_str(&out).ok()?;
-            (v.pointer("/status/ready") == Some(&Value::Bool(true))).then_some(())
-        },
-        || log_tail(&c, &victim.name),
-    );
+    node_ready_again(&c, &victim.name);
     std::thread::sleep(Duration::from_secs(2));
     let now = instances(&c, "demo", "spread");
     assert_eq!(now.len(), 6);
@@ -220,43 +191,14 @@ fn a_partitioned_node_fences_itself_before_its_replacements_start() {
         "fence.yaml",
         &service("demo", "fence", 6, &app),
     );
-    eventually(
-        Duration::from_secs(60),
-        "6 ready replicas",
-        || {
-            let items = instances(&c, "demo", "fence");
-            (items.len() == 6 && items.iter().all(ready)).then_some(())
-        },
-        || format!("{:#?}", instances(&c, "demo", "fence")),
-    );
+    ready_replicas(&c, "fence", 6, None);
     // Cut n1 off; its agent and instances keep running.
     let mut sampler = Sampler::start(app.clone());
     let victim = c.nodes[0].clone();
     devsupport_ip(&["-n", &c.lan, "link", "set", &victim.lan_if, "down"]);
-    eventually(
-        Duration::from_secs(30),
-        "6 ready replicas on the other nodes",
-        || {
-            let items = instances(&c, "demo", "fence");
-            (items.len() == 6
-                && items
-                    .iter()
-                    .all(|i| ready(i) && s(i, "/spec/node") != victim.name))
-            .then_some(())
-        },
-        || format!("{:#?}", instances(&c, "demo", "fence")),
-    );
+    ready_replicas(&c, "fence", 6, Some(&victim.name));
     devsupport_ip(&["-n", &c.lan, "link", "set", &victim.lan_if, "up"]);
-    eventually(
-        Duration::from_secs(20),
-        "n1 ready again",
-        || {
-            let (_, out, _) = skiff(&c, &["get", "node", &victim.name, "-o", "json"]);
-            let v: Value = serde_json::from_str(&out).ok()?;
-            (v.pointer("/status/ready") == Some(&Value::Bool(true))).then_some(())
-        },
-        || log_tail(&c, &victim.name),
-    );
+    node_ready_again(&c, &victim.name);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         pids_with(&app).len(),
@@ -439,6 +381,41 @@ spec:
                 .then_some(())
         },
         || format!("{:#?}", instances(&c, "demo", "steady")),
+    );
+}
+
+/// Waits until `service` (namespace demo) has exactly `n` instances, all
+/// ready and none on node `off`.
+fn ready_replicas(c: &Cluster, service: &str, n: usize, off: Option<&str>) -> Vec<Value> {
+    eventually(
+        Duration::from_secs(60),
+        &format!(
+            "{n} ready {service} replicas{}",
+            off.map(|o| format!(" off {o}")).unwrap_or_default()
+        ),
+        || {
+            let items = instances(c, "demo", service);
+            (items.len() == n
+                && items
+                    .iter()
+                    .all(|i| ready(i) && Some(s(i, "/spec/node")) != off))
+            .then_some(items)
+        },
+        || format!("{:#?}", instances(c, "demo", service)),
+    )
+}
+
+/// Waits until a node that was lost is ready again.
+fn node_ready_again(c: &Cluster, node: &str) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{node} ready again"),
+        || {
+            let (_, out, _) = skiff(c, &["get", "node", node, "-o", "json"]);
+            let v: Value = serde_json::from_str(&out).ok()?;
+            (v.pointer("/status/ready") == Some(&Value::Bool(true))).then_some(())
+        },
+        || log_tail(c, node),
     );
 }
 
