@@ -322,6 +322,30 @@ fn failover_real(args: &FailoverArgs) -> anyhow::Result<u8> {
         config: dir.path().join("config"),
     };
     let mut c = crate::dev::Cluster::up(&std::env::current_exe()?, &options)?;
+    let result = measure_failover(args, &mut c);
+    if result.is_err() {
+        eprintln!("server log (last lines):\n{}", c.log_tail("server", 40));
+    }
+    let (detect, replaced, peak) = result?;
+    c.teardown();
+    println!(
+        "{}",
+        failover_json(
+            args,
+            detect,
+            replaced,
+            peak,
+            "real (skiff dev: namespaces, cgroups, processes)"
+        )
+    );
+    Ok(0)
+}
+
+/// Times one node's death on a running cluster: (detected, all replaced and ready, peak copies).
+fn measure_failover(
+    args: &FailoverArgs,
+    c: &mut crate::dev::Cluster,
+) -> anyhow::Result<(Duration, Duration, usize)> {
     let app = format!("bench-failover-{}", std::process::id());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -394,18 +418,7 @@ fn failover_real(args: &FailoverArgs) -> anyhow::Result<u8> {
     })?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = sampler.join().unwrap_or(0);
-    c.teardown();
-    println!(
-        "{}",
-        failover_json(
-            args,
-            detect,
-            replaced,
-            peak,
-            "real (skiff dev: namespaces, cgroups, processes)"
-        )
-    );
-    Ok(0)
+    Ok((detect, replaced, peak))
 }
 
 /// Peak resident memory of a process, in MiB.

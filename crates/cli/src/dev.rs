@@ -305,6 +305,13 @@ impl Cluster {
         self.agents[i] = Some(agent);
     }
 
+    /// The last `lines` lines of `server` or a node's (`n1`…) log.
+    pub fn log_tail(&self, who: &str, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join(format!("{who}.log"))).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     pub fn client(&self) -> anyhow::Result<skiff_client::Client> {
         let config = skiff_client::ClientConfig::load(&self.config)?;
         Ok(skiff_client::Client::new(&config)?)

@@ -432,6 +432,7 @@ fn bench_failover_prints_json() {
         "2",
         "--grace",
         "1",
+        "--hollow",
         "--json",
     ]);
     let (stdout, stderr) = text(&out);
