@@ -12,7 +12,8 @@ set -euo pipefail
 #   curl           talking to the API by hand in the README's examples; the demo and the
 #                  end-to-end tests reach instances with it
 #   iproute2       `ip`: the agent and `skiff dev` make namespaces, veths and routes with it
-PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl iproute2)
+#   clang, libbpf-dev  building the eBPF datapath (ebpf/*.bpf.c, compiled by skiff-netpol's build.rs)
+PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl iproute2 clang libbpf-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -4,6 +4,7 @@
 
 pub mod logs;
 pub mod node;
+pub mod policy;
 pub mod runtime;
 pub mod supervise;
 

@@ -42,6 +42,8 @@ pub struct NodeConfig {
     pub log_port: u16,
     /// The join token: it verifies the API server's signed log reads.
     pub join_token: String,
+    /// Enforce network policy with the eBPF datapath (`None`: do not).
+    pub network_policy: Option<skiff_api::policy::DefaultPolicy>,
     /// Stop every instance once heartbeats have failed for half the
     /// control plane's node grace (before replacements start elsewhere).
     pub self_fence: bool,
@@ -75,6 +77,24 @@ pub async fn run(
         tracing::info!(cgroup = %line, "Cgroup hierarchy");
     }
     net::enable_forwarding()?;
+    let enforcer = match cfg.network_policy {
+        Some(_) => {
+            let pins = std::path::Path::new(skiff_netpol::datapath::BPFFS)
+                .join(format!("skiff-{}", cfg.tag));
+            let dp = skiff_netpol::datapath::Datapath::load(&pins).map_err(|e| {
+                AgentError::Setup(format!(
+                    "network policy: {e} (this node needs eBPF; see deploy/README.md)"
+                ))
+            })?;
+            Some(crate::policy::Enforcer::new(dp))
+        }
+        None => {
+            tracing::warn!(
+                "Network policy is not enforced on this node (--dangerously-skip-network-policy)"
+            );
+            None
+        }
+    };
     let listener = tokio::net::TcpListener::bind((cfg.address, cfg.log_port))
         .await
         .map_err(|e| {
@@ -101,7 +121,12 @@ pub async fn run(
     let pod_cidr = wait_for_pod_cidr(&client, &cfg.name).await?;
     tracing::info!(node.name = %cfg.name, pod_cidr = %pod_cidr, "Pod range assigned");
     tokio::spawn(routes(client.clone(), cfg.name.clone()));
+    if let (Some(e), Some(default)) = (&enforcer, cfg.network_policy) {
+        let host = vec![cfg.address, net::gateway_of(pod_cidr)];
+        tokio::spawn(crate::policy::run(client.clone(), e.clone(), host, default));
+    }
     let rt = Arc::new(NodeRuntime {
+        enforcer,
         client: client.clone(),
         cgroups,
         exe: cfg.exe.clone(),
@@ -232,8 +257,10 @@ async fn heartbeat(
                 Err(_) => {}
             }
         }
-        // One heartbeat in flight at a time; a hung one does not stop the clock.
-        if pending.is_none() && last_try.elapsed() >= every {
+        // One heartbeat in flight at a time; a hung one does not stop the
+        // clock. At least three per grace period, so one late or lost
+        // heartbeat never costs the node its lease.
+        if pending.is_none() && last_try.elapsed() >= every.min(grace / 3) {
             last_try = tokio::time::Instant::now();
             let (client, name) = (client.clone(), name.clone());
             pending = Some(tokio::spawn(async move { client.heartbeat(&name).await }));

@@ -571,6 +571,9 @@ fn cleanup_slot(slot: u8, tags: &[String]) {
     ]);
     for tag in tags {
         skiff_agent::runtime::cgroup::remove_agent_dirs(tag);
+        skiff_netpol::datapath::unpin(
+            &Path::new(skiff_netpol::datapath::BPFFS).join(format!("skiff-{tag}")),
+        );
     }
 }
 

@@ -1,8 +1,12 @@
 //! Skiff network policy: one engine that decides flows for both policy
-//! kinds and explains why; later compiled into the eBPF datapath's maps.
+//! kinds and explains why, compiled into the eBPF datapath's maps, and the
+//! loader of that datapath.
 
 pub mod bench;
+pub mod compile;
+pub mod datapath;
 pub mod engine;
+pub mod maps;
 pub mod model;
 pub mod reference;
 pub mod suite;

@@ -96,6 +96,13 @@ struct AgentArgs {
     /// also stops instances during a control-plane outage.
     #[arg(long)]
     self_fence: bool,
+    /// What an instance no policy selects may do: `isolate-selected`
+    /// (Kubernetes: everything until a policy selects it) or `deny-all`.
+    #[arg(long, default_value = "isolate-selected", value_parser = ["isolate-selected", "deny-all"])]
+    policy_default: String,
+    /// Run instances with no network policy enforcement at all (no eBPF).
+    #[arg(long)]
+    dangerously_skip_network_policy: bool,
     /// Seconds between SIGTERM and SIGKILL when an instance is stopped.
     #[arg(long, default_value_t = 10.0)]
     stop_grace: f64,
@@ -317,6 +324,13 @@ fn agent(args: &AgentArgs) -> anyhow::Result<u8> {
         stop_grace: std::time::Duration::from_secs_f64(args.stop_grace),
         self_fence: args.self_fence,
         log_port: args.log_port,
+        network_policy: (!args.dangerously_skip_network_policy).then(|| {
+            if args.policy_default == "deny-all" {
+                skiff_api::policy::DefaultPolicy::DenyAll
+            } else {
+                skiff_api::policy::DefaultPolicy::IsolateSelected
+            }
+        }),
         join_token: args.join_token.trim().to_string(),
     };
     runtime.block_on(skiff_agent::node::run(client, cfg, shutdown_signal()))?;

@@ -453,3 +453,226 @@ fn bench_failover_on_a_real_cluster_prints_json() {
     let (detect, replaced) = (v["detect_s"].as_f64(), v["replaced_ready_s"].as_f64());
     assert!(detect.is_some() && replaced >= detect, "{v}");
 }
+
+/// The network namespace of the instance at `address` (one of the cluster's).
+fn netns_of(c: &Cluster, address: &str) -> String {
+    let names: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    names
+        .into_iter()
+        .filter(|n| {
+            c.nodes
+                .iter()
+                .any(|node| n.starts_with(&format!("{}-", node.tag)))
+        })
+        .find(|n| {
+            std::process::Command::new("ip")
+                .args(["-n", n, "-o", "-4", "addr", "show", "dev", "eth0"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {address}/32")))
+                .unwrap_or(false)
+        })
+        .unwrap_or_else(|| panic!("no instance namespace has {address}"))
+}
+
+/// Whether a TCP connection from `netns` to `address:port` is answered.
+fn connects(netns: &str, address: &str, port: u16) -> bool {
+    curl_in(netns, &format!("http://{address}:{port}/")).is_ok()
+}
+
+#[test]
+fn policies_are_enforced_in_the_kernel_on_every_node() {
+    if !can_run("policies_are_enforced_in_the_kernel_on_every_node") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut c = cluster(dir.path(), 3, false);
+    let sfx = rand_suffix();
+    let labelled = |name: &str, replicas: u32| {
+        service("demo", name, replicas, &format!("{name}-{sfx}")).replace(
+            &format!("metadata: {{name: {name}, namespace: demo}}"),
+            &format!("metadata: {{name: {name}, namespace: demo, labels: {{app: {name}}}}}"),
+        )
+    };
+    apply(
+        &c,
+        dir.path(),
+        "apps.yaml",
+        &[
+            labelled("server", 3),
+            labelled("good", 1),
+            labelled("bad", 1),
+        ]
+        .join("---\n"),
+    );
+    let servers = ready_replicas(&c, "server", 3, None);
+    let good = ready_replicas(&c, "good", 1, None);
+    let bad = ready_replicas(&c, "bad", 1, None);
+    let good_ns = netns_of(&c, s(&good[0], "/status/address"));
+    let bad_ns = netns_of(&c, s(&bad[0], "/status/address"));
+    let addrs: Vec<String> = servers
+        .iter()
+        .map(|i| s(i, "/status/address").to_string())
+        .collect();
+    for a in &addrs {
+        assert!(
+            connects(&good_ns, a, 8080) && connects(&bad_ns, a, 8080),
+            "no policy: open ({a})"
+        );
+    }
+
+    let policy = r#"apiVersion: skiff.dev/v1
+kind: Policy
+metadata: {name: server-ingress, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  ingress:
+    - from: [{workloads: {matchLabels: {app: good}}}]
+      ports: [{port: 8080}]
+"#;
+    apply(&c, dir.path(), "policy.yaml", policy);
+    eventually(
+        Duration::from_secs(15),
+        "bad is refused by every server, on every node",
+        || {
+            addrs
+                .iter()
+                .all(|a| !connects(&bad_ns, a, 8080))
+                .then_some(())
+        },
+        String::new,
+    );
+    for a in &addrs {
+        assert!(connects(&good_ns, a, 8080), "good still reaches {a}");
+    }
+    // Health checks come from the node: isolated instances stay ready.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        instances(&c, "demo", "server").iter().all(ready),
+        "servers stay ready under the policy"
+    );
+
+    // New instances never take a forbidden connection, from their first moment.
+    let stop = Arc::new(AtomicBool::new(false));
+    let leaked = Arc::new(AtomicUsize::new(0));
+    let hammer = {
+        let (stop, leaked, bad_ns, cfg) = (
+            stop.clone(),
+            leaked.clone(),
+            bad_ns.clone(),
+            c.config.clone(),
+        );
+        let known: Vec<String> = addrs.clone();
+        std::thread::spawn(move || {
+            let mut tried = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let out = std::process::Command::new(EXE)
+                    .args(["get", "instances", "-n", "demo", "-o", "json"])
+                    .env("SKIFF_CONFIG", &cfg)
+                    .output();
+                let v: Value = out
+                    .ok()
+                    .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+                    .unwrap_or_default();
+                for i in v["items"].as_array().cloned().unwrap_or_default() {
+                    let a = s(&i, "/status/address").to_string();
+                    if s(&i, "/spec/service") == "server" && !a.is_empty() && !known.contains(&a) {
+                        for _ in 0..5 {
+                            tried += 1;
+                            if connects(&bad_ns, &a, 8080) {
+                                leaked.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            }
+            tried
+        })
+    };
+    apply(&c, dir.path(), "scale.yaml", &labelled("server", 6));
+    ready_replicas(&c, "server", 6, None);
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let tried = hammer.join().unwrap_or(0);
+    assert!(tried > 0, "the new instances were tried");
+    assert_eq!(
+        leaked.load(Ordering::Relaxed),
+        0,
+        "a new instance accepted a forbidden connection"
+    );
+
+    // The agent of a server's node dies: the kernel keeps enforcing.
+    let victim_node = s(&servers[0], "/spec/node").to_string();
+    let victim = c
+        .nodes
+        .iter()
+        .position(|n| n.name == victim_node)
+        .unwrap_or(0);
+    c.kill_agent(victim);
+    assert!(
+        !connects(&bad_ns, &addrs[0], 8080),
+        "still refused with the agent down"
+    );
+    assert!(
+        connects(&good_ns, &addrs[0], 8080),
+        "still allowed with the agent down"
+    );
+    let agent = c.start_agent(victim).unwrap_or_else(|e| panic!("{e}"));
+    c.adopt_agent(victim, agent);
+    let servers = eventually(
+        Duration::from_secs(60),
+        "servers ready after the agent restart",
+        || {
+            let items = instances(&c, "demo", "server");
+            let fresh = items
+                .iter()
+                .all(|i| ready(i) && !s(i, "/status/events/0/time").is_empty());
+            (items.len() == 6
+                && fresh
+                && items
+                    .iter()
+                    .filter(|i| s(i, "/spec/node") == victim_node)
+                    .all(|i| {
+                        i["status"]["events"].as_array().is_some_and(|e| {
+                            e.iter().filter(|e| e["reason"] == "Started").count() >= 2
+                        })
+                    }))
+            .then_some(items)
+        },
+        || format!("{:#?}", instances(&c, "demo", "server")),
+    );
+    let addrs: Vec<String> = servers
+        .iter()
+        .map(|i| s(i, "/status/address").to_string())
+        .collect();
+    for a in &addrs {
+        assert!(
+            !connects(&bad_ns, a, 8080),
+            "refused after the agent restart ({a})"
+        );
+        assert!(
+            connects(&good_ns, a, 8080),
+            "allowed after the agent restart ({a})"
+        );
+    }
+
+    // The policy goes: open again.
+    let (ok, _, err) = skiff(&c, &["delete", "policy", "server-ingress", "-n", "demo"]);
+    assert!(ok, "{err}");
+    eventually(
+        Duration::from_secs(15),
+        "bad reaches every server again",
+        || {
+            addrs
+                .iter()
+                .all(|a| connects(&bad_ns, a, 8080))
+                .then_some(())
+        },
+        String::new,
+    );
+}

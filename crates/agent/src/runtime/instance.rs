@@ -22,6 +22,8 @@ use crate::supervise::{self, State, Supervisor};
 #[derive(Debug)]
 pub struct NodeRuntime {
     pub client: Client,
+    /// Network policy; `None` where it is not enforced.
+    pub enforcer: Option<Arc<crate::policy::Enforcer>>,
     pub cgroups: Cgroups,
     /// The `skiff` binary, for `internal-exec`.
     pub exe: PathBuf,
@@ -106,6 +108,9 @@ async fn run(rt: Arc<NodeRuntime>, plan: Plan, mut stopped: watch::Receiver<bool
             status.message = e.clone();
             reporter.report(&status, &[("FailedSetup", e)]).await;
             let _ = stopped.changed().await;
+            if let Some(e) = &rt.enforcer {
+                e.release(&plan.id());
+            }
             plan.net.remove().await;
             return;
         }
@@ -214,6 +219,9 @@ async fn run(rt: Arc<NodeRuntime>, plan: Plan, mut stopped: watch::Receiver<bool
     }
     supervisor.stop().await;
     cgroup.remove();
+    if let Some(e) = &rt.enforcer {
+        e.release(&plan.id());
+    }
     plan.net.remove().await;
 }
 
@@ -222,6 +230,25 @@ async fn prepare(rt: &NodeRuntime, plan: &Plan) -> Result<PodCgroup, String> {
         .create()
         .await
         .map_err(|e| format!("network setup failed: {e}"))?;
+    // Policy before the process: the veth drops everything until the
+    // instance's endpoint entry is written, so a new instance never takes a
+    // connection its policy forbids.
+    if let Some(e) = &rt.enforcer
+        && let Err(why) = e
+            .admit(
+                &plan.id(),
+                &plan.net.host_if,
+                plan.net.address,
+                Duration::from_secs(10),
+            )
+            .await
+    {
+        if why.contains("not written within") {
+            tracing::warn!(instance = %plan.id(), reason = %why, "Starting anyway; its traffic is dropped until the policy is written");
+        } else {
+            return Err(format!("network policy setup failed: {why}"));
+        }
+    }
     rt.cgroups
         .create(&plan.net.netns, limits(&plan.spec))
         .map_err(|e| format!("cgroup setup failed: {e}"))

@@ -151,6 +151,8 @@ pub fn curl_in(netns: &str, url: &str) -> Result<String, String> {
             netns,
             "curl",
             "-sS",
+            "--connect-timeout",
+            "1",
             "--max-time",
             "3",
             url,

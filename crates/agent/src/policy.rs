@@ -1,0 +1,385 @@
+//! Network policy on this node: follows Policies, NetworkPolicies,
+//! Services and every Instance in the cluster, compiles them with
+//! `skiff_netpol::compile` for the instances running here, and writes the
+//! differences into the eBPF maps: new entries before old ones go, then a
+//! new epoch, so a change never drops a flow both the old and the new
+//! policy allow. Instances register their host-side veth here before their
+//! process starts; until their endpoint entry is written the veth drops
+//! everything (fail closed).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use skiff_api::net::Protocol;
+use skiff_api::policy::DefaultPolicy;
+use skiff_api::policytest::NamedPort;
+use skiff_api::{KindInfo, Resource};
+use skiff_client::{Client, EventType};
+use skiff_netpol::PolicyRule;
+use skiff_netpol::compile::{self, Compiled, Identities, Input};
+use skiff_netpol::datapath::Datapath;
+use skiff_netpol::maps::SKIFF_MAX_POLICY;
+use tokio::sync::{Notify, watch};
+
+/// What instances and the policy loop share.
+#[derive(Debug)]
+pub struct Enforcer {
+    datapath: Mutex<Datapath>,
+    /// Local instances (`ns/name`) → host-side ifindex and address.
+    local: Mutex<BTreeMap<String, (u32, Ipv4Addr)>>,
+    changed: Notify,
+    /// Endpoints written to the maps so far.
+    applied: watch::Sender<BTreeSet<u32>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data behind these locks; a panic elsewhere leaves it usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Enforcer {
+    pub fn new(datapath: Datapath) -> Arc<Enforcer> {
+        Arc::new(Enforcer {
+            datapath: Mutex::new(datapath),
+            local: Mutex::new(BTreeMap::new()),
+            changed: Notify::new(),
+            applied: watch::channel(BTreeSet::new()).0,
+        })
+    }
+
+    /// Attaches the datapath to an instance's veth and registers it; returns
+    /// once its endpoint entry is in the maps (or after `within`, still
+    /// failing closed).
+    pub async fn admit(
+        &self,
+        instance: &str,
+        host_if: &str,
+        address: Ipv4Addr,
+        within: Duration,
+    ) -> Result<(), String> {
+        let ifindex =
+            nix::net::if_::if_nametoindex(host_if).map_err(|e| format!("{host_if}: {e}"))?;
+        lock(&self.datapath)
+            .attach(host_if)
+            .map_err(|e| e.to_string())?;
+        lock(&self.local).insert(instance.to_string(), (ifindex, address));
+        let mut applied = self.applied.subscribe();
+        self.changed.notify_one();
+        let wait = applied.wait_for(|set| set.contains(&ifindex));
+        match tokio::time::timeout(within, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(format!(
+                "policy for {instance} not written within {}s",
+                within.as_secs()
+            )),
+        }
+    }
+
+    /// Forgets an instance (its veth, and the filters on it, go with it).
+    pub fn release(&self, instance: &str) {
+        if lock(&self.local).remove(instance).is_some() {
+            self.changed.notify_one();
+        }
+    }
+}
+
+/// The cluster as the compiler needs it.
+#[derive(Debug, Default)]
+struct State {
+    policies: BTreeMap<String, PolicyRule>,
+    /// `ns/name` of a Service → its ports.
+    services: BTreeMap<String, Vec<NamedPort>>,
+    instances: BTreeMap<String, Value>,
+}
+
+/// Follows the cluster and keeps the maps in step, until the process ends.
+pub async fn run(
+    client: Client,
+    enforcer: Arc<Enforcer>,
+    host: Vec<Ipv4Addr>,
+    default: DefaultPolicy,
+) {
+    let state = Arc::new(Mutex::new(State::default()));
+    for kind in ["policies", "networkpolicies", "services", "instances"] {
+        tokio::spawn(follow(
+            client.clone(),
+            kind,
+            state.clone(),
+            enforcer.clone(),
+        ));
+    }
+    let mut ids = Identities::default();
+    let mut current = Compiled::default();
+    loop {
+        enforcer.changed.notified().await;
+        // Let a burst of changes settle into one pass.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let local = lock(&enforcer.local).clone();
+        let next = {
+            let s = lock(&state);
+            build(&s, &local, &host, default, &mut ids)
+        };
+        match next {
+            Ok(next) => {
+                if let Err(e) = apply(&enforcer, &current, &next) {
+                    tracing::error!(error = %e, "Cannot write the policy maps; keeping what is there and retrying on the next change");
+                    continue;
+                }
+                let live: BTreeSet<u32> = next.ipcache.values().copied().collect();
+                ids.retain(&live);
+                enforcer
+                    .applied
+                    .send_replace(next.endpoints.keys().copied().collect());
+                current = next;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "This node cannot hold the policy set; the previous one stays enforced")
+            }
+        }
+    }
+}
+
+fn build(
+    s: &State,
+    local: &BTreeMap<String, (u32, Ipv4Addr)>,
+    host: &[Ipv4Addr],
+    default: DefaultPolicy,
+    ids: &mut Identities,
+) -> Result<Compiled, compile::CompileError> {
+    let mut instances = Vec::new();
+    let mut index = BTreeMap::new();
+    for (id, v) in &s.instances {
+        // A local instance's address is known here before its status says it.
+        let reported = v
+            .pointer("/status/address")
+            .and_then(Value::as_str)
+            .and_then(|a| a.parse().ok());
+        let Some(address) = local.get(id).map(|&(_, a)| a).or(reported) else {
+            continue;
+        };
+        let ns = v
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let service = v
+            .pointer("/spec/service")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let labels = v
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        index.insert(id.clone(), instances.len());
+        instances.push(compile::Instance {
+            namespace: ns.to_string(),
+            labels,
+            ports: s
+                .services
+                .get(&format!("{ns}/{service}"))
+                .cloned()
+                .unwrap_or_default(),
+            address,
+        });
+    }
+    let local: BTreeMap<u32, usize> = local
+        .iter()
+        .filter_map(|(id, &(ifindex, _))| Some((ifindex, *index.get(id)?)))
+        .collect();
+    let policies: Vec<PolicyRule> = s.policies.values().cloned().collect();
+    compile::compile(
+        &Input {
+            policies: &policies,
+            default,
+            namespaces: &BTreeMap::new(),
+            instances: &instances,
+            local: &local,
+            host,
+            max_policy_entries: SKIFF_MAX_POLICY as usize,
+        },
+        ids,
+    )
+}
+
+/// Writes `next` over `current`: additions and changes first, removals
+/// after, then a new epoch when any decision changed.
+fn apply(
+    enforcer: &Enforcer,
+    current: &Compiled,
+    next: &Compiled,
+) -> Result<(), skiff_netpol::datapath::DatapathError> {
+    let mut dp = lock(&enforcer.datapath);
+    for (&(a, p), &id) in &next.ipcache {
+        if current.ipcache.get(&(a, p)) != Some(&id) {
+            dp.set_ipcache(a, p, id)?;
+        }
+    }
+    for (&k, &v) in &next.policy {
+        if current.policy.get(&k) != Some(&v) {
+            dp.set_policy(k, v)?;
+        }
+    }
+    for (&i, &e) in &next.endpoints {
+        if current.endpoints.get(&i) != Some(&e) {
+            dp.set_endpoint(i, e)?;
+        }
+    }
+    let mut changed = next.policy != current.policy || next.endpoints != current.endpoints;
+    for &k in current
+        .policy
+        .keys()
+        .filter(|k| !next.policy.contains_key(k))
+    {
+        dp.remove_policy(k)?;
+    }
+    for &i in current
+        .endpoints
+        .keys()
+        .filter(|i| !next.endpoints.contains_key(i))
+    {
+        dp.remove_endpoint(i)?;
+    }
+    for &(a, p) in current
+        .ipcache
+        .keys()
+        .filter(|k| !next.ipcache.contains_key(k))
+    {
+        dp.remove_ipcache(a, p)?;
+        changed = true;
+    }
+    if changed {
+        dp.bump_epoch()?;
+    }
+    Ok(())
+}
+
+/// List, then watch, one kind into the shared state; relists after a
+/// failed watch.
+async fn follow(
+    client: Client,
+    plural: &'static str,
+    state: Arc<Mutex<State>>,
+    enforcer: Arc<Enforcer>,
+) {
+    let Some(kind) = KindInfo::find(plural) else {
+        return;
+    };
+    loop {
+        let list = match client.list(kind, None, None).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(kind = plural, error = %e, "Cannot list for policy; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        {
+            let mut s = lock(&state);
+            clear(&mut s, plural);
+            for v in &list.items {
+                put(&mut s, plural, v);
+            }
+        }
+        enforcer.changed.notify_one();
+        let mut watch = client.watch(kind, None, None, list.revision);
+        while let Some(event) = watch.next().await {
+            let Ok(event) = event else { break };
+            {
+                let mut s = lock(&state);
+                match event.kind {
+                    EventType::Added | EventType::Modified => put(&mut s, plural, &event.object),
+                    EventType::Deleted => remove(&mut s, plural, &event.object),
+                    _ => continue,
+                }
+            }
+            enforcer.changed.notify_one();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn id_of(v: &Value) -> String {
+    crate::id_of(v)
+}
+
+fn clear(s: &mut State, plural: &str) {
+    match plural {
+        "services" => s.services.clear(),
+        "instances" => s.instances.clear(),
+        kind => s
+            .policies
+            .retain(|k, _| !k.starts_with(&format!("{kind}:"))),
+    }
+}
+
+fn put(s: &mut State, plural: &str, v: &Value) {
+    let id = id_of(v);
+    match plural {
+        "instances" => {
+            s.instances.insert(id, v.clone());
+        }
+        "services" => {
+            let ports = v
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .map(|ports| {
+                    ports
+                        .iter()
+                        .filter_map(|p| {
+                            Some(NamedPort {
+                                name: p.get("name").and_then(Value::as_str).map(str::to_string),
+                                port: u16::try_from(p.get("port")?.as_u64()?).ok()?,
+                                protocol: if p.get("protocol").and_then(Value::as_str)
+                                    == Some("udp")
+                                {
+                                    Protocol::Udp
+                                } else {
+                                    Protocol::Tcp
+                                },
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            s.services.insert(id, ports);
+        }
+        kind => match skiff_api::load_str("store", &v.to_string()) {
+            Ok(loaded) => {
+                for l in loaded {
+                    if let Some(rule) =
+                        matches!(l.resource, Resource::Policy(_) | Resource::NetworkPolicy(_))
+                            .then(|| PolicyRule::from_resource(&l.resource))
+                            .flatten()
+                    {
+                        s.policies.insert(format!("{kind}:{id}"), rule);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(policy = %id, errors = ?e, "A stored policy does not decode; ignoring it")
+            }
+        },
+    }
+}
+
+fn remove(s: &mut State, plural: &str, v: &Value) {
+    let id = id_of(v);
+    match plural {
+        "instances" => {
+            s.instances.remove(&id);
+        }
+        "services" => {
+            s.services.remove(&id);
+        }
+        kind => {
+            s.policies.remove(&format!("{kind}:{id}"));
+        }
+    }
+}
