@@ -33,6 +33,9 @@ pub struct Enforcer {
     changed: Notify,
     /// Endpoints written to the maps so far.
     applied: watch::Sender<BTreeSet<u32>>,
+    /// For reports: rule numbers' policies, and instances by address.
+    rules: Mutex<Vec<String>>,
+    names: Mutex<BTreeMap<Ipv4Addr, String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -47,6 +50,8 @@ impl Enforcer {
             local: Mutex::new(BTreeMap::new()),
             changed: Notify::new(),
             applied: watch::channel(BTreeSet::new()).0,
+            rules: Mutex::new(Vec::new()),
+            names: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -86,6 +91,43 @@ impl Enforcer {
     }
 }
 
+/// Logs what the datapath denied or audited, naming both ends and the
+/// policy (or "no policy allows"); every 100 ms, until the process ends.
+fn report_events(mut events: aya::maps::RingBuf<aya::maps::MapData>, enforcer: Arc<Enforcer>) {
+    loop {
+        while let Some(item) = events.next() {
+            let Some(e) = skiff_netpol::maps::Event::parse(&item) else {
+                continue;
+            };
+            let name = |a: Ipv4Addr| {
+                lock(&enforcer.names)
+                    .get(&a)
+                    .cloned()
+                    .unwrap_or_else(|| a.to_string())
+            };
+            let rule = match e.rule {
+                0 => "no policy allows".to_string(),
+                n => lock(&enforcer.rules)
+                    .get(n as usize - 1)
+                    .cloned()
+                    .unwrap_or_else(|| format!("rule {n}")),
+            };
+            let proto = match e.proto {
+                6 => "TCP",
+                17 => "UDP",
+                _ => "IP",
+            };
+            let (src, dst) = (name(e.src), name(e.dst));
+            if e.denied {
+                tracing::info!(src = %src, src.address = %e.src, dst = %dst, dst.address = %e.dst, port = e.dport, protocol = proto, rule = %rule, "Denied");
+            } else {
+                tracing::info!(src = %src, src.address = %e.src, dst = %dst, dst.address = %e.dst, port = e.dport, protocol = proto, rule = %rule, "Audit: would deny");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The cluster as the compiler needs it.
 #[derive(Debug, Default)]
 struct State {
@@ -112,7 +154,21 @@ pub async fn run(
         ));
     }
     let mut ids = Identities::default();
-    let mut current = Compiled::default();
+    // What the pinned maps hold now (from an earlier run, perhaps): the
+    // first pass removes what no longer belongs.
+    let mut current = {
+        let dp = lock(&enforcer.datapath);
+        Compiled {
+            ipcache: dp.ipcache(),
+            endpoints: dp.endpoints(),
+            policy: dp.policy(),
+            rules: Vec::new(),
+        }
+    };
+    if let Some(events) = lock(&enforcer.datapath).take_events() {
+        let e = enforcer.clone();
+        std::thread::spawn(move || report_events(events, e));
+    }
     loop {
         enforcer.changed.notified().await;
         // Let a burst of changes settle into one pass.

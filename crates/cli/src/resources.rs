@@ -35,6 +35,13 @@ pub struct ApplyArgs {
     /// Files or directories of manifests.
     #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
     pub paths: Vec<PathBuf>,
+    /// Then wait until every applied Service has all its instances ready,
+    /// showing progress; on timeout, say why each unready one waits.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long `--wait` waits, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
     #[command(flatten)]
     pub connection: Connection,
 }
@@ -145,8 +152,101 @@ pub fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
                 }
             }
         }
-        Ok(if failed > 0 { exit::FAILED } else { exit::OK })
+        if failed > 0 {
+            return Ok(exit::FAILED);
+        }
+        if args.wait {
+            let services: Vec<(String, String, u32)> = report
+                .resources
+                .iter()
+                .filter_map(|l| match &l.resource {
+                    Resource::Service(s) => Some((
+                        s.namespace().to_string(),
+                        s.name().to_string(),
+                        s.spec.replicas,
+                    )),
+                    _ => None,
+                })
+                .collect();
+            return wait_ready(
+                &client,
+                &services,
+                std::time::Duration::from_secs(args.timeout),
+            )
+            .await;
+        }
+        Ok(exit::OK)
     })
+}
+
+/// Waits until each service has `replicas` ready instances; prints a line
+/// whenever the counts change, and on timeout why each unready one waits.
+async fn wait_ready(
+    client: &Client,
+    services: &[(String, String, u32)],
+    timeout: std::time::Duration,
+) -> anyhow::Result<u8> {
+    if services.is_empty() {
+        return Ok(exit::OK);
+    }
+    let instances = kind("instances")?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut shown = String::new();
+    loop {
+        let items = client.list(instances, None, None).await?.items;
+        let mut line = Vec::new();
+        let mut done = true;
+        let mut waiting = Vec::new();
+        for (ns, name, replicas) in services {
+            let mine: Vec<&Value> = items
+                .iter()
+                .filter(|i| {
+                    i.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns)
+                        && i.pointer("/spec/service").and_then(Value::as_str) == Some(name)
+                })
+                .collect();
+            let ready = mine
+                .iter()
+                .filter(|i| i.pointer("/status/ready").and_then(Value::as_bool) == Some(true))
+                .count();
+            done &= ready >= *replicas as usize && mine.len() == *replicas as usize;
+            line.push(format!("{ns}/{name} {ready}/{replicas} ready"));
+            for i in mine
+                .iter()
+                .filter(|i| i.pointer("/status/ready").and_then(Value::as_bool) != Some(true))
+            {
+                let text = |p: &str| {
+                    i.pointer(p)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let why = match text("/status/message") {
+                    m if m.is_empty() => {
+                        format!("{} on {}", text("/status/phase"), text("/spec/node"))
+                    }
+                    m => m,
+                };
+                waiting.push(format!("  {ns}/{}: {why}", text("/metadata/name")));
+            }
+        }
+        let line = line.join(", ");
+        if line != shown {
+            println!("{line}");
+            shown = line;
+        }
+        if done {
+            return Ok(exit::OK);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!("not ready after {}s:", timeout.as_secs());
+            for w in waiting {
+                eprintln!("{w}");
+            }
+            return Ok(exit::FAILED);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 async fn apply_one(client: &Client, l: &Loaded) -> anyhow::Result<&'static str> {

@@ -184,7 +184,12 @@ impl Lab {
         });
         std::thread::spawn(move || {
             for mut s in l.incoming().flatten() {
-                let _ = s.write_all(b"ok");
+                // Answer, then keep the connection open until the client ends it.
+                std::thread::spawn(move || {
+                    let _ = s.write_all(b"ok");
+                    let mut sink = [0u8; 64];
+                    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+                });
             }
         });
     }

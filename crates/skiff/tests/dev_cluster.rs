@@ -322,6 +322,26 @@ spec:
         || format!("{:#?}", instances(&c, "demo", "huge")),
     );
     assert!(s(&huge, "/status/message").contains("cpu"), "{huge:#}");
+    // `apply --wait` gives up with the same explanation.
+    let huge_file = dir.path().join("huge.yaml");
+    std::fs::write(&huge_file, "apiVersion: skiff.dev/v1\nkind: Service\nmetadata: {name: huge, namespace: demo}\nspec:\n  run: {command: sleep, args: [\"1000\"]}\n  resources: {requests: {cpu: \"64\"}}\n").unwrap_or_else(|e| panic!("{e}"));
+    let (ok, out, err) = skiff(
+        &c,
+        &[
+            "apply",
+            "--wait",
+            "--timeout",
+            "2",
+            "-f",
+            &huge_file.display().to_string(),
+        ],
+    );
+    assert!(!ok, "{out}{err}");
+    assert!(out.contains("demo/huge 0/1 ready"), "{out}");
+    assert!(
+        err.contains("not ready after 2s") && err.contains(s(&huge, "/status/message")),
+        "{err}"
+    );
 
     // The control plane goes away for longer than the node grace.
     let steady = eventually(
@@ -362,26 +382,12 @@ spec:
         "the same instances: {now:#?}"
     );
     // And the agents still act on changes.
-    apply(
-        &c,
-        dir.path(),
-        "scale.yaml",
-        &service("demo", "steady", 3, &app),
-    );
-    eventually(
-        Duration::from_secs(30),
-        "scaled to 3 after the restart",
-        || {
-            (pids_with(&app).len() == 3
-                && instances(&c, "demo", "steady")
-                    .iter()
-                    .filter(|i| ready(i))
-                    .count()
-                    == 3)
-                .then_some(())
-        },
-        || format!("{:#?}", instances(&c, "demo", "steady")),
-    );
+    let scale = dir.path().join("scale.yaml");
+    std::fs::write(&scale, service("demo", "steady", 3, &app)).unwrap_or_else(|e| panic!("{e}"));
+    let (ok, out, err) = skiff(&c, &["apply", "--wait", "-f", &scale.display().to_string()]);
+    assert!(ok, "{out}{err}");
+    assert!(out.trim_end().ends_with("demo/steady 3/3 ready"), "{out}");
+    assert_eq!(pids_with(&app).len(), 3);
 }
 
 /// Waits until `service` (namespace demo) has exactly `n` instances, all
@@ -650,6 +656,15 @@ spec:
         .iter()
         .map(|i| s(i, "/status/address").to_string())
         .collect();
+    // The clients may have been on that node too (restarted: new namespaces).
+    let good_ns = netns_of(
+        &c,
+        s(&ready_replicas(&c, "good", 1, None)[0], "/status/address"),
+    );
+    let bad_ns = netns_of(
+        &c,
+        s(&ready_replicas(&c, "bad", 1, None)[0], "/status/address"),
+    );
     for a in &addrs {
         assert!(
             !connects(&bad_ns, a, 8080),
