@@ -1,7 +1,8 @@
-//! The agent's log endpoint: `GET /logs/{namespace}/{instance}?tail=N&follow=true`
-//! serves an instance's output log to the API server, which signs each
-//! request with the join token (see `skiff_identity::signed`); nothing else
-//! may read it.
+//! The agent's endpoint, on the node's address: `GET /logs/{namespace}/{instance}?tail=N&follow=true`
+//! (an instance's output) and `GET /flows?follow=true` (what network
+//! policy denied or audited, as JSON lines) for the API server, which signs
+//! each request with the join token (see `skiff_identity::signed`); and
+//! `GET /metrics` (Prometheus text, no secrets in it) for anyone.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -18,18 +19,26 @@ use tokio::net::TcpListener;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
-/// Serves logs under `logs` until the process ends.
-pub async fn serve(listener: TcpListener, logs: PathBuf, token: String) {
+/// Serves logs under `logs` (and flows and metrics, where policy is
+/// enforced) until the process ends.
+pub async fn serve(
+    listener: TcpListener,
+    logs: PathBuf,
+    token: String,
+    enforcer: Option<std::sync::Arc<crate::policy::Enforcer>>,
+) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (logs, token) = (logs.clone(), token.clone());
+        let (logs, token, enforcer) = (logs.clone(), token.clone(), enforcer.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (logs, token) = (logs.clone(), token.clone());
-                async move { Ok::<_, Infallible>(answer(&logs, &token, &req).await) }
+                let (logs, token, enforcer) = (logs.clone(), token.clone(), enforcer.clone());
+                async move {
+                    Ok::<_, Infallible>(answer(&logs, &token, enforcer.as_deref(), &req).await)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
@@ -44,7 +53,21 @@ fn plain(status: StatusCode, text: String) -> Response<Body> {
     r
 }
 
-async fn answer(logs: &Path, token: &str, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+async fn answer(
+    logs: &Path,
+    token: &str,
+    enforcer: Option<&crate::policy::Enforcer>,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    if req.uri().path() == "/metrics" {
+        let text = enforcer.map(|e| e.metrics()).unwrap_or_default();
+        let mut r = plain(StatusCode::OK, text);
+        r.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return r;
+    }
     let path_and_query = req
         .uri()
         .path_and_query()
@@ -73,6 +96,21 @@ async fn answer(logs: &Path, token: &str, req: &Request<hyper::body::Incoming>) 
             StatusCode::UNAUTHORIZED,
             "not signed by the control plane\n".into(),
         );
+    }
+    if req.uri().path() == "/flows" {
+        let follow = req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .any(|p| p == "follow=true");
+        return match enforcer {
+            Some(e) => flows(e, follow),
+            None => plain(
+                StatusCode::NOT_FOUND,
+                "network policy is not enforced on this node\n".into(),
+            ),
+        };
     }
     let segments: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
     let ["logs", ns, name] = segments.as_slice() else {
@@ -149,6 +187,33 @@ async fn answer(logs: &Path, token: &str, req: &Request<hyper::body::Incoming>) 
         }
     });
     Response::new(StreamBody::new(stream).boxed())
+}
+
+/// The recent flows as JSON lines; with `follow`, then each new one (and a
+/// `{"lost": n}` line when this reader fell behind and missed some).
+fn flows(enforcer: &crate::policy::Enforcer, follow: bool) -> Response<Body> {
+    let (recent, rx) = enforcer.flows();
+    let mut text = String::new();
+    for f in &recent {
+        text.push_str(&serde_json::to_string(f).unwrap_or_default());
+        text.push('\n');
+    }
+    if !follow {
+        return Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
+    }
+    let first = futures_util::stream::once(async move {
+        Ok::<_, std::io::Error>(Frame::data(Bytes::from(text)))
+    });
+    let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+        let line = match rx.recv().await {
+            Ok(f) => serde_json::to_string(&f).unwrap_or_default(),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => format!("{{\"lost\":{n}}}"),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        };
+        Some((Ok(Frame::data(Bytes::from(line + "\n"))), rx))
+    });
+    let both = futures_util::StreamExt::chain(first, rest);
+    Response::new(StreamBody::new(both).boxed())
 }
 
 /// Where the last `n` lines of `text` begin.

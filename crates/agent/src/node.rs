@@ -86,7 +86,7 @@ pub async fn run(
                     "network policy: {e} (this node needs eBPF; see deploy/README.md)"
                 ))
             })?;
-            Some(crate::policy::Enforcer::new(dp))
+            Some(crate::policy::Enforcer::new(dp, &cfg.name))
         }
         None => {
             tracing::warn!(
@@ -107,6 +107,7 @@ pub async fn run(
         listener,
         cfg.data_dir.join("logs"),
         cfg.join_token.clone(),
+        enforcer.clone(),
     ));
     let generation = register(&client, &cfg, &cgroups).await?;
     let (gen_tx, gen_rx) = watch::channel(generation);

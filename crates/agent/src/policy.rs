@@ -35,7 +35,53 @@ pub struct Enforcer {
     applied: watch::Sender<BTreeSet<u32>>,
     /// For reports: rule numbers' policies, and instances by address.
     rules: Mutex<Vec<String>>,
-    names: Mutex<BTreeMap<Ipv4Addr, String>>,
+    names: Mutex<BTreeMap<Ipv4Addr, Named>>,
+    /// The node's name, in flow records.
+    node: String,
+    /// The most recent flows, oldest first, and everyone following them.
+    recent: Mutex<std::collections::VecDeque<Flow>>,
+    flows: tokio::sync::broadcast::Sender<Flow>,
+    /// Denials and audits so far, by policy (or "no policy allows").
+    by_policy: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Entries per map after the last write.
+    entries: Mutex<[usize; 3]>,
+}
+
+/// Flow records kept per node for `skiff flows` without `-f`.
+const RECENT_FLOWS: usize = 4096;
+
+/// An instance as flow records name it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Named {
+    pub namespace: String,
+    pub instance: String,
+    pub service: String,
+}
+
+/// One end of a reported flow.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct End {
+    pub address: Ipv4Addr,
+    pub identity: u32,
+    #[serde(flatten)]
+    pub named: Named,
+}
+
+/// A flow the datapath denied, or passed with an audit-mode objection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Flow {
+    pub time: String,
+    pub node: String,
+    /// `denied` or `audit-denied`.
+    pub verdict: &'static str,
+    /// The side that decided: the receiver's `ingress` or the sender's `egress`.
+    pub direction: &'static str,
+    pub protocol: &'static str,
+    pub port: u16,
+    pub src: End,
+    pub dst: End,
+    /// `Policy ns/name` (or NetworkPolicy), or `no policy allows`.
+    pub policy: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -44,7 +90,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Enforcer {
-    pub fn new(datapath: Datapath) -> Arc<Enforcer> {
+    pub fn new(datapath: Datapath, node: &str) -> Arc<Enforcer> {
         Arc::new(Enforcer {
             datapath: Mutex::new(datapath),
             local: Mutex::new(BTreeMap::new()),
@@ -52,7 +98,90 @@ impl Enforcer {
             applied: watch::channel(BTreeSet::new()).0,
             rules: Mutex::new(Vec::new()),
             names: Mutex::new(BTreeMap::new()),
+            node: node.to_string(),
+            recent: Mutex::new(std::collections::VecDeque::new()),
+            flows: tokio::sync::broadcast::channel(1024).0,
+            by_policy: Mutex::new(BTreeMap::new()),
+            entries: Mutex::new([0; 3]),
         })
+    }
+
+    /// The recent flows, and a receiver for the ones after them.
+    pub fn flows(&self) -> (Vec<Flow>, tokio::sync::broadcast::Receiver<Flow>) {
+        let recent = lock(&self.recent);
+        (recent.iter().cloned().collect(), self.flows.subscribe())
+    }
+
+    /// The node's policy metrics in Prometheus text format.
+    pub fn metrics(&self) -> String {
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+        let mut registry = prometheus_client::registry::Registry::with_prefix("skiff_policy");
+        let stats = lock(&self.datapath).stats();
+        let packets = Family::<Vec<(String, String)>, Counter>::default();
+        for (verdict, n) in [
+            ("allowed", stats.allowed),
+            ("denied", stats.denied),
+            ("audit", stats.audit),
+            ("established", stats.established),
+        ] {
+            packets
+                .get_or_create(&vec![("verdict".into(), verdict.into())])
+                .inc_by(n);
+        }
+        registry.register(
+            "packets",
+            "Packets by datapath verdict (new flows decided, or passed as established)",
+            packets,
+        );
+        let lost = Counter::<u64>::default();
+        lost.inc_by(stats.events_lost);
+        registry.register(
+            "events_lost",
+            "Flow reports the kernel could not queue (ring buffer full)",
+            lost,
+        );
+        let flows = Family::<Vec<(String, String)>, Counter>::default();
+        for ((policy, verdict), n) in lock(&self.by_policy).iter() {
+            flows
+                .get_or_create(&vec![
+                    ("policy".into(), policy.clone()),
+                    ("verdict".into(), verdict.to_string()),
+                ])
+                .inc_by(*n);
+        }
+        registry.register(
+            "flows",
+            "Denied and audit-denied flows, by deciding policy",
+            flows,
+        );
+        let entries = Family::<Vec<(String, String)>, Gauge>::default();
+        let counts = *lock(&self.entries);
+        for (map, n) in ["ipcache", "endpoints", "policy"].iter().zip(counts) {
+            entries
+                .get_or_create(&vec![("map".into(), map.to_string())])
+                .set(n as i64);
+        }
+        registry.register("map_entries", "Entries in the datapath's maps", entries);
+        let capacity = Family::<Vec<(String, String)>, Gauge>::default();
+        for (map, n) in [
+            ("ipcache", skiff_netpol::maps::SKIFF_MAX_IPCACHE),
+            ("endpoints", skiff_netpol::maps::SKIFF_MAX_ENDPOINTS),
+            ("policy", SKIFF_MAX_POLICY),
+        ] {
+            capacity
+                .get_or_create(&vec![("map".into(), map.to_string())])
+                .set(i64::from(n));
+        }
+        registry.register(
+            "map_capacity",
+            "Entries the datapath's maps can hold",
+            capacity,
+        );
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        skiff_api::prometheus::to_text_format(&text)
     }
 
     /// Attaches the datapath to an instance's veth and registers it; returns
@@ -91,40 +220,76 @@ impl Enforcer {
     }
 }
 
-/// Logs what the datapath denied or audited, naming both ends and the
-/// policy (or "no policy allows"); every 100 ms, until the process ends.
+/// Reads what the datapath denied or audited (every 100 ms, until the
+/// process ends): logs it, counts it, keeps the recent ones and hands each
+/// to whoever follows (`skiff flows -f`).
 fn report_events(mut events: aya::maps::RingBuf<aya::maps::MapData>, enforcer: Arc<Enforcer>) {
     loop {
         while let Some(item) = events.next() {
             let Some(e) = skiff_netpol::maps::Event::parse(&item) else {
                 continue;
             };
-            let name = |a: Ipv4Addr| {
-                lock(&enforcer.names)
-                    .get(&a)
-                    .cloned()
-                    .unwrap_or_else(|| a.to_string())
-            };
-            let rule = match e.rule {
-                0 => "no policy allows".to_string(),
-                n => lock(&enforcer.rules)
-                    .get(n as usize - 1)
-                    .cloned()
-                    .unwrap_or_else(|| format!("rule {n}")),
-            };
-            let proto = match e.proto {
-                6 => "TCP",
-                17 => "UDP",
-                _ => "IP",
-            };
-            let (src, dst) = (name(e.src), name(e.dst));
-            if e.denied {
-                tracing::info!(src = %src, src.address = %e.src, dst = %dst, dst.address = %e.dst, port = e.dport, protocol = proto, rule = %rule, "Denied");
+            let flow = to_flow(&enforcer, &e);
+            if flow.verdict == "denied" {
+                tracing::info!(src = %flow.src.address, dst = %flow.dst.address, port = flow.port, protocol = flow.protocol, policy = %flow.policy, "Denied");
             } else {
-                tracing::info!(src = %src, src.address = %e.src, dst = %dst, dst.address = %e.dst, port = e.dport, protocol = proto, rule = %rule, "Audit: would deny");
+                tracing::info!(src = %flow.src.address, dst = %flow.dst.address, port = flow.port, protocol = flow.protocol, policy = %flow.policy, "Audit: would deny");
             }
+            *lock(&enforcer.by_policy)
+                .entry((flow.policy.clone(), flow.verdict))
+                .or_default() += 1;
+            {
+                let mut recent = lock(&enforcer.recent);
+                if recent.len() == RECENT_FLOWS {
+                    recent.pop_front();
+                }
+                recent.push_back(flow.clone());
+            }
+            let _ = enforcer.flows.send(flow);
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn to_flow(enforcer: &Enforcer, e: &skiff_netpol::maps::Event) -> Flow {
+    let end = |address: Ipv4Addr, identity: u32| End {
+        address,
+        identity,
+        named: lock(&enforcer.names)
+            .get(&address)
+            .cloned()
+            .unwrap_or_default(),
+    };
+    Flow {
+        time: crate::runtime::instance::now_rfc3339(),
+        node: enforcer.node.clone(),
+        verdict: if e.denied { "denied" } else { "audit-denied" },
+        direction: match e.dir {
+            Some(skiff_netpol::maps::Dir::Egress) => "egress",
+            _ => "ingress",
+        },
+        protocol: match e.proto {
+            6 => "TCP",
+            17 => "UDP",
+            1 => "ICMP",
+            _ => "IP",
+        },
+        port: e.dport,
+        src: end(e.src, e.src_identity),
+        dst: end(e.dst, e.dst_identity),
+        policy: match e.rule {
+            0 => "no policy allows".to_string(),
+            n => lock(&enforcer.rules)
+                .get(n as usize - 1)
+                .map(|p| {
+                    if e.denied {
+                        p.clone()
+                    } else {
+                        format!("{p} (audit mode: would deny)")
+                    }
+                })
+                .unwrap_or_else(|| format!("rule {n}")),
+        },
     }
 }
 
@@ -189,6 +354,30 @@ pub async fn run(
                 enforcer
                     .applied
                     .send_replace(next.endpoints.keys().copied().collect());
+                *lock(&enforcer.rules) = next.rules.clone();
+                *lock(&enforcer.entries) =
+                    [next.ipcache.len(), next.endpoints.len(), next.policy.len()];
+                *lock(&enforcer.names) = lock(&state)
+                    .instances
+                    .values()
+                    .filter_map(|v| {
+                        let text = |p: &str| {
+                            v.pointer(p)
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_string()
+                        };
+                        let address = text("/status/address").parse().ok()?;
+                        Some((
+                            address,
+                            Named {
+                                namespace: text("/metadata/namespace"),
+                                instance: text("/metadata/name"),
+                                service: text("/spec/service"),
+                            },
+                        ))
+                    })
+                    .collect();
                 current = next;
             }
             Err(e) => {

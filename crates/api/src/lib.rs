@@ -6,6 +6,7 @@ pub mod meta;
 pub mod net;
 pub mod policy;
 pub mod policytest;
+pub mod prometheus;
 pub mod quantity;
 pub mod resource;
 pub mod selector;

@@ -10,6 +10,7 @@ pub mod bench_store;
 pub mod demo_app;
 pub mod describe;
 pub mod dev;
+pub mod flows;
 pub mod logs;
 pub mod output;
 pub mod policy;

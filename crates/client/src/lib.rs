@@ -225,7 +225,13 @@ impl Client {
         if let Some(n) = tail {
             p.push_str(&format!("&tail={n}"));
         }
-        let response = self.send(Method::GET, &p, None).await?;
+        self.stream(&p).await
+    }
+
+    /// A GET whose body is read as it arrives (logs, flows); non-2xx
+    /// answers become [`ClientError::Api`].
+    pub async fn stream(&self, path: &str) -> Result<hyper::body::Incoming> {
+        let response = self.send(Method::GET, path, None).await?;
         if !response.status().is_success() {
             let status = response.status();
             let bytes = response

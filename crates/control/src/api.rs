@@ -131,6 +131,9 @@ async fn dispatch(state: &Arc<AppState>, req: Request) -> Result<Response, ApiEr
         )
             .into_response());
     }
+    if path == "/flows" {
+        return crate::flows::read(state, &who, req.uri().query().unwrap_or_default()).await;
+    }
     let target = parse_path(&path)?;
     let query = Query::parse(req.uri().query().unwrap_or_default())?;
     let method = req.method().clone();

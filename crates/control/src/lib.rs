@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod controllers;
 pub mod error;
+mod flows;
 pub mod ipam;
 mod logs;
 pub mod metrics;

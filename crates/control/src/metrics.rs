@@ -94,7 +94,7 @@ impl Metrics {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        to_prometheus_text(&out)
+        skiff_api::prometheus::to_text_format(&out)
     }
 }
 
@@ -102,33 +102,6 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// prometheus-client writes OpenMetrics, where a counter's HELP and TYPE
-/// name the family (`x`) and samples are `x_total`. The Prometheus text
-/// format (what `promtool check metrics` checks, version 0.0.4) wants
-/// HELP and TYPE on `x_total`, and no `# EOF`.
-fn to_prometheus_text(open_metrics: &str) -> String {
-    let counters: Vec<&str> = open_metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(open_metrics.len() + 64);
-    for line in open_metrics.lines() {
-        if line == "# EOF" {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-            let rest = line.strip_prefix(prefix)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters
-                .contains(&name)
-                .then(|| format!("{prefix}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]

@@ -523,6 +523,46 @@ mod tests {
     }
 
     #[test]
+    fn audit_mode_objections_become_audit_entries() {
+        let policies = load(
+            "apiVersion: skiff.dev/v1\nkind: Policy\nmetadata: {name: db, namespace: shop}\nspec:\n  selector: {matchLabels: {app: db}}\n  ingress:\n  - from: [{workloads: {matchLabels: {app: web}}}]\n    ports: [{port: 5432}]\n---\napiVersion: skiff.dev/v1\nkind: Policy\nmetadata: {name: watch, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mode: audit\n  egress: []\n",
+        );
+        let instances = vec![inst("shop", "web", 8080, 2), inst("shop", "db", 5432, 3)];
+        let local: BTreeMap<u32, usize> = [(10, 0)].into();
+        let mut ids = Identities::default();
+        let out = compile(
+            &Input {
+                policies: &policies,
+                default: DefaultPolicy::IsolateSelected,
+                namespaces: &BTreeMap::new(),
+                instances: &instances,
+                local: &local,
+                host: &[],
+                max_policy_entries: 1000,
+            },
+            &mut ids,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        // web's egress is isolated only in audit mode: everything passes,
+        // and everything is reported as what the audit policy would deny.
+        let db = ids.of("shop", &instances[1].labels);
+        assert_eq!(out.endpoints[&10].flags, SKIFF_EP_EGRESS_AUDIT);
+        let v = out.policy.get(&PolicyKey {
+            ifindex: 10,
+            peer: db,
+            port: 0,
+            proto: 6,
+            dir: Dir::Egress,
+        });
+        assert_eq!(v.map(|v| v.audit), Some(true), "{:?}", out.policy);
+        let rule = v.map(|v| v.rule as usize).unwrap_or_default();
+        assert_eq!(
+            out.rules.get(rule.wrapping_sub(1)).map(String::as_str),
+            Some("Policy shop/watch")
+        );
+    }
+
+    #[test]
     fn overflow_is_an_error_not_a_partial_set() {
         let policies = load(
             "apiVersion: skiff.dev/v1\nkind: Policy\nmetadata: {name: wide, namespace: shop}\nspec:\n  selector: {}\n  ingress:\n  - ports: [{port: 1000, endPort: 3000}]\n",

@@ -45,6 +45,8 @@ enum Command {
     Delete(resources::DeleteArgs),
     /// Show how the cluster differs from manifests (exit 1 if it does).
     Diff(resources::DiffArgs),
+    /// What network policy denied or audited, from every node, with the deciding policy.
+    Flows(skiff_cli::flows::FlowsArgs),
     /// An instance's output (stdout and stderr), from its node.
     Logs(skiff_cli::logs::LogsArgs),
     /// One service, instance or node in prose, with recent events.
@@ -179,6 +181,7 @@ fn main() -> ExitCode {
         Command::Dev(args) => skiff_cli::dev::run(args),
         Command::Describe(args) => skiff_cli::describe::run(args),
         Command::Logs(args) => skiff_cli::logs::run(args),
+        Command::Flows(args) => skiff_cli::flows::run(args),
         Command::DemoApp(args) => skiff_cli::demo_app::run(args),
         Command::Apply(args) => resources::apply(args),
         Command::Get(args) => resources::get(args),

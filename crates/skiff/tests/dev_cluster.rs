@@ -460,6 +460,28 @@ fn bench_failover_on_a_real_cluster_prints_json() {
     assert!(detect.is_some() && replaced >= detect, "{v}");
 }
 
+/// `promtool check metrics` accepts the text.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("promtool (install prometheus): {e}"));
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(text.as_bytes());
+    }
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The network namespace of the instance at `address` (one of the cluster's).
 fn netns_of(c: &Cluster, address: &str) -> String {
     let names: Vec<String> = std::fs::read_dir("/run/netns")
@@ -556,6 +578,70 @@ spec:
     for a in &addrs {
         assert!(connects(&good_ns, a, 8080), "good still reaches {a}");
     }
+    // `skiff flows` names both ends and why: no policy allows bad.
+    let bad_name = s(&bad[0], "/metadata/name").to_string();
+    let flows = eventually(
+        Duration::from_secs(10),
+        "the denial in skiff flows",
+        || {
+            let (_, out, _) = skiff(&c, &["flows", "-n", "demo", "--verdict", "denied"]);
+            out.lines()
+                .any(|l| {
+                    l.contains(&format!("demo/{bad_name}"))
+                        && l.contains("8080/TCP ingress: no policy allows")
+                })
+                .then_some(out)
+        },
+        || skiff(&c, &["flows"]).1,
+    );
+    assert!(!flows.contains("audit-denied"), "{flows}");
+    // An audit-mode policy reports what it would deny and blocks nothing:
+    // bad's egress is isolated in audit mode only.
+    apply(
+        &c,
+        dir.path(),
+        "audit.yaml",
+        "apiVersion: skiff.dev/v1\nkind: Policy\nmetadata: {name: audit-bad, namespace: demo}\nspec:\n  selector: {matchLabels: {app: bad}}\n  mode: audit\n  egress: []\n",
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the audit report in skiff flows",
+        || {
+            let _ = connects(&bad_ns, &addrs[0], 8080);
+            let (_, out, _) = skiff(&c, &["flows", "-n", "demo", "--verdict", "audit-denied"]);
+            out.lines()
+                .any(|l| {
+                    l.contains(&format!("demo/{bad_name}"))
+                        && l.contains("egress: Policy demo/audit-bad (audit mode: would deny)")
+                })
+                .then_some(())
+        },
+        || skiff(&c, &["flows"]).1,
+    );
+    assert!(connects(&good_ns, &addrs[0], 8080), "good is unaffected");
+    let (ok, _, err) = skiff(&c, &["delete", "policy", "audit-bad", "-n", "demo"]);
+    assert!(ok, "{err}");
+    let node = &c.nodes[0];
+    let metrics = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "3",
+            &format!("http://{}:7444/metrics", node.address),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    assert!(
+        metrics.contains("skiff_policy_packets_total{verdict=\"denied\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("skiff_policy_map_capacity{map=\"policy\"}"),
+        "{metrics}"
+    );
+    promtool_check(&metrics);
+
     // Health checks come from the node: isolated instances stay ready.
     std::thread::sleep(Duration::from_secs(2));
     assert!(
