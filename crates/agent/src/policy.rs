@@ -299,6 +299,8 @@ struct State {
     policies: BTreeMap<String, PolicyRule>,
     /// `ns/name` of a Service → its ports.
     services: BTreeMap<String, Vec<NamedPort>>,
+    /// Namespace labels (namespace selectors match them).
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
     instances: BTreeMap<String, Value>,
 }
 
@@ -310,7 +312,13 @@ pub async fn run(
     default: DefaultPolicy,
 ) {
     let state = Arc::new(Mutex::new(State::default()));
-    for kind in ["policies", "networkpolicies", "services", "instances"] {
+    for kind in [
+        "policies",
+        "networkpolicies",
+        "services",
+        "instances",
+        "namespaces",
+    ] {
         tokio::spawn(follow(
             client.clone(),
             kind,
@@ -413,15 +421,7 @@ fn build(
             .pointer("/spec/service")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        let labels = v
-            .pointer("/metadata/labels")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let labels = labels_of(v);
         index.insert(id.clone(), instances.len());
         instances.push(compile::Instance {
             namespace: ns.to_string(),
@@ -443,7 +443,7 @@ fn build(
         &Input {
             policies: &policies,
             default,
-            namespaces: &BTreeMap::new(),
+            namespaces: &s.namespaces,
             instances: &instances,
             local: &local,
             host,
@@ -556,6 +556,7 @@ fn id_of(v: &Value) -> String {
 
 fn clear(s: &mut State, plural: &str) {
     match plural {
+        "namespaces" => s.namespaces.clear(),
         "services" => s.services.clear(),
         "instances" => s.instances.clear(),
         kind => s
@@ -564,9 +565,27 @@ fn clear(s: &mut State, plural: &str) {
     }
 }
 
+fn labels_of(v: &Value) -> BTreeMap<String, String> {
+    v.pointer("/metadata/labels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn put(s: &mut State, plural: &str, v: &Value) {
     let id = id_of(v);
     match plural {
+        "namespaces" => {
+            let name = v
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            s.namespaces.insert(name.to_string(), labels_of(v));
+        }
         "instances" => {
             s.instances.insert(id, v.clone());
         }
@@ -617,6 +636,13 @@ fn put(s: &mut State, plural: &str, v: &Value) {
 fn remove(s: &mut State, plural: &str, v: &Value) {
     let id = id_of(v);
     match plural {
+        "namespaces" => {
+            let name = v
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            s.namespaces.remove(name);
+        }
         "instances" => {
             s.instances.remove(&id);
         }

@@ -50,6 +50,19 @@ pub enum Resource {
     NetworkPolicy(Object<NetworkPolicySpec>),
     Route(Object<RouteSpec>),
     PolicyTest(Object<PolicyTestSpec>),
+    Namespace(Object<NamespaceSpec>),
+}
+
+/// A namespace's spec: nothing yet; its labels (in `metadata`) are what
+/// policies' namespace selectors match.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct NamespaceSpec {}
+
+impl Decode for NamespaceSpec {
+    fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
+        cx.fields(node, &[])?;
+        Some(NamespaceSpec {})
+    }
 }
 
 /// What the API needs to know about a kind.
@@ -114,6 +127,13 @@ pub const KINDS: &[KindInfo] = &[
         namespaced: false,
         has_status: false,
     },
+    KindInfo {
+        kind: "Namespace",
+        api_version: API_VERSION,
+        plural: "namespaces",
+        namespaced: false,
+        has_status: false,
+    },
 ];
 
 impl KindInfo {
@@ -136,6 +156,7 @@ impl Resource {
             Resource::NetworkPolicy(_) => "NetworkPolicy",
             Resource::Route(_) => "Route",
             Resource::PolicyTest(_) => "PolicyTest",
+            Resource::Namespace(_) => "Namespace",
         }
     }
 
@@ -148,6 +169,7 @@ impl Resource {
             Resource::NetworkPolicy(o) => &o.metadata,
             Resource::Route(o) => &o.metadata,
             Resource::PolicyTest(o) => &o.metadata,
+            Resource::Namespace(o) => &o.metadata,
         }
     }
 
@@ -247,6 +269,14 @@ impl Resource {
                 Resource::NetworkPolicy(object(&m, cx, api_version, kind, metadata)?)
             }
             "Route" => Resource::Route(object(&m, cx, api_version, kind, metadata)?),
+            // A namespace needs no spec.
+            "Namespace" => Resource::Namespace(Object {
+                api_version,
+                kind: kind.to_string(),
+                metadata: metadata?,
+                spec: m.opt(cx, "spec").unwrap_or_default(),
+                status: None,
+            }),
             _ => Resource::PolicyTest(object(&m, cx, api_version, kind, metadata)?),
         })
     }

@@ -55,6 +55,8 @@ string_enum! {
         Http2 = "http2",
         Grpc = "grpc",
         Tcp = "tcp",
+        /// Datagrams: policies see the port as UDP; the proxy passes it by.
+        Udp = "udp",
     }
 }
 
@@ -267,10 +269,14 @@ impl Decode for ServiceSpec {
         let ports: Vec<ServicePort> = m.or_default(cx, "ports");
         for (i, p) in ports.iter().enumerate() {
             let dup_name = ports[..i].iter().any(|q| q.name == p.name);
-            let dup_port = ports[..i].iter().any(|q| q.port == p.port);
+            // The same number may serve TCP and UDP (DNS on 53), as in Kubernetes.
+            let udp = |q: &ServicePort| q.protocol == AppProtocol::Udp;
+            let dup_port = ports[..i]
+                .iter()
+                .any(|q| q.port == p.port && udp(q) == udp(p));
             m.check(cx, "ports", !dup_name && !dup_port, || {
                 format!(
-                    "port {} ({}) is listed twice; names and numbers must be unique",
+                    "port {} ({}) is listed twice; names, and numbers per protocol, must be unique",
                     p.port, p.name
                 )
             });

@@ -23,6 +23,10 @@ pub struct DemoAppArgs {
     /// Services this one calls on `/` (repeatable): `name=http://host:port/path`.
     #[arg(long = "upstream")]
     pub upstreams: Vec<String>,
+    /// Instead of HTTP: echo on these ports (comma-separated), TCP (each
+    /// line back) and UDP (each datagram back). Policy tests use it.
+    #[arg(long, value_delimiter = ',')]
+    pub echo: Vec<u16>,
 }
 
 pub fn run(args: &DemoAppArgs) -> anyhow::Result<u8> {
@@ -38,7 +42,45 @@ pub fn run(args: &DemoAppArgs) -> anyhow::Result<u8> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if !args.echo.is_empty() {
+        return runtime.block_on(echo(&args.name, &args.echo));
+    }
     runtime.block_on(serve(args.name.clone(), args.listen, upstreams))
+}
+
+/// TCP and UDP echo on every port, until the process ends.
+async fn echo(name: &str, ports: &[u16]) -> anyhow::Result<u8> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    for &port in ports {
+        let tcp = tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .map_err(|e| anyhow::anyhow!("listen on TCP {port}: {e}"))?;
+        let udp = tokio::net::UdpSocket::bind(("0.0.0.0", port))
+            .await
+            .map_err(|e| anyhow::anyhow!("listen on UDP {port}: {e}"))?;
+        tokio::spawn(async move {
+            while let Ok((s, _)) = tcp.accept().await {
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut lines = tokio::io::BufReader::new(r).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+                let _ = udp.send_to(&buf[..n], from).await;
+            }
+        });
+    }
+    println!("{name} echoing on {ports:?} (TCP and UDP)");
+    std::future::pending::<()>().await;
+    Ok(0)
 }
 
 async fn serve(

@@ -181,6 +181,7 @@ impl Cluster {
         }
         c.write_state()?;
         c.wait_nodes_ready(Duration::from_secs(60))?;
+        c.route_host_to_pods()?;
         Ok(c)
     }
 
@@ -373,6 +374,27 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Routes each node's pod range from the host via that node, so the
+    /// host reaches instances (and is an outside address to them).
+    fn route_host_to_pods(&self) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let nodes =
+            skiff_api::KindInfo::find("nodes").ok_or_else(|| anyhow::anyhow!("no Node kind"))?;
+        for v in runtime
+            .block_on(self.client()?.list(nodes, None, None))?
+            .items
+        {
+            let cidr = v.pointer("/spec/podCIDR").and_then(Value::as_str);
+            let via = v.pointer("/status/address").and_then(Value::as_str);
+            if let (Some(c), Some(a)) = (cidr, via) {
+                ip(&["route", "replace", c, "via", a])?;
+            }
+        }
+        Ok(())
     }
 
     /// Stops agents (which stop their instances), the server, and removes

@@ -482,32 +482,6 @@ fn promtool_check(text: &str) {
     );
 }
 
-/// The network namespace of the instance at `address` (one of the cluster's).
-fn netns_of(c: &Cluster, address: &str) -> String {
-    let names: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    names
-        .into_iter()
-        .filter(|n| {
-            c.nodes
-                .iter()
-                .any(|node| n.starts_with(&format!("{}-", node.tag)))
-        })
-        .find(|n| {
-            std::process::Command::new("ip")
-                .args(["-n", n, "-o", "-4", "addr", "show", "dev", "eth0"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {address}/32")))
-                .unwrap_or(false)
-        })
-        .unwrap_or_else(|| panic!("no instance namespace has {address}"))
-}
-
 /// Whether a TCP connection from `netns` to `address:port` is answered.
 fn connects(netns: &str, address: &str, port: u16) -> bool {
     curl_in(netns, &format!("http://{address}:{port}/")).is_ok()
