@@ -78,7 +78,17 @@ fn reference_example_means_what_it_says() {
         }
     ));
     let kinds: Vec<&str> = report.resources.iter().map(|l| l.resource.kind()).collect();
-    assert_eq!(kinds, ["Service", "Service", "Route", "Node", "Instance"]);
+    assert_eq!(
+        kinds,
+        [
+            "Service",
+            "Service",
+            "Route",
+            "Node",
+            "Instance",
+            "Namespace"
+        ]
+    );
 }
 
 #[test]

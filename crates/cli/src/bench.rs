@@ -14,6 +14,8 @@ pub enum BenchCommand {
     PolicyEval(PolicyEvalArgs),
     /// Time from a node's death to its instances running elsewhere (hollow nodes).
     Failover(crate::bench_cluster::FailoverArgs),
+    /// Time from a policy change to its enforcement on every node (real local cluster, root).
+    PolicyPropagation(crate::bench_policy::PropagationArgs),
     /// Control-plane cost of many hollow nodes and instances.
     Cluster(crate::bench_cluster::ClusterArgs),
     /// Placements per second and packing quality of the scheduler.
@@ -44,6 +46,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<u8> {
         BenchCommand::Store(a) => crate::bench_store::run(a),
         BenchCommand::Scheduler(a) => crate::bench_scheduler::run(a),
         BenchCommand::Failover(a) => crate::bench_cluster::failover(a),
+        BenchCommand::PolicyPropagation(a) => crate::bench_policy::propagation(a),
         BenchCommand::Cluster(a) => crate::bench_cluster::cluster(a),
     }
 }

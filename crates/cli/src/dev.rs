@@ -675,6 +675,31 @@ fn first_line_with(
     rx.recv_timeout(within).ok()
 }
 
+/// The network namespace of the instance at `address` in cluster `c`.
+pub fn netns_of(c: &Cluster, address: Ipv4Addr) -> Option<String> {
+    let names: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    names
+        .into_iter()
+        .filter(|n| {
+            c.nodes
+                .iter()
+                .any(|node| n.starts_with(&format!("{}-", node.tag)))
+        })
+        .find(|n| {
+            Command::new("ip")
+                .args(["-n", n, "-o", "-4", "addr", "show", "dev", "eth0"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {address}/32")))
+                .unwrap_or(false)
+        })
+}
+
 /// Pids of the `skiff demo-app --name NAME…` processes whose command line
 /// contains `name` (the app itself, not an `internal-exec` on its way to it).
 pub fn app_processes(name: &str) -> Vec<u32> {

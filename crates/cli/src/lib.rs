@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bench_cluster;
 mod bench_etcd;
+pub mod bench_policy;
 pub mod bench_scheduler;
 pub mod bench_store;
 pub mod demo_app;

@@ -751,3 +751,31 @@ spec:
         String::new,
     );
 }
+
+#[test]
+fn bench_policy_propagation_prints_json() {
+    if !can_run("bench_policy_propagation_prints_json") {
+        return;
+    }
+    let out = std::process::Command::new(EXE)
+        .args([
+            "bench",
+            "policy-propagation",
+            "--nodes",
+            "2",
+            "--changes",
+            "4",
+            "--json",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(v["bench"], "policy-propagation");
+    assert_eq!(v["changes"], 4);
+    assert!(v["p99_ms"].as_f64() >= v["p50_ms"].as_f64(), "{v}");
+}

@@ -175,28 +175,8 @@ pub fn rand_suffix() -> String {
     format!("{:05x}", (nanos ^ std::process::id()) & 0xfffff)
 }
 
-/// The network namespace of the instance at `address` (one of the cluster's).
+/// The network namespace of the instance at `address`.
 pub fn netns_of(c: &Cluster, address: &str) -> String {
-    let names: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    names
-        .into_iter()
-        .filter(|n| {
-            c.nodes
-                .iter()
-                .any(|node| n.starts_with(&format!("{}-", node.tag)))
-        })
-        .find(|n| {
-            std::process::Command::new("ip")
-                .args(["-n", n, "-o", "-4", "addr", "show", "dev", "eth0"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {address}/32")))
-                .unwrap_or(false)
-        })
-        .unwrap_or_else(|| panic!("no instance namespace has {address}"))
+    let a = address.parse().unwrap_or_else(|e| panic!("{address}: {e}"));
+    skiff_cli::dev::netns_of(c, a).unwrap_or_else(|| panic!("no instance namespace has {address}"))
 }
