@@ -95,10 +95,16 @@ pub(crate) fn id_of(v: &Value) -> String {
         v.pointer("/metadata/namespace")
             .and_then(Value::as_str)
             .unwrap_or_default(),
-        v.pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
+        name_of(v)
     )
+}
+
+/// `metadata.name` of an object (empty when missing).
+pub(crate) fn name_of(v: &Value) -> String {
+    v.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 async fn register(

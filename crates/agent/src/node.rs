@@ -15,10 +15,10 @@ use skiff_api::service::ServiceSpec;
 use skiff_client::{Client, ClientError, EventType};
 use tokio::sync::watch;
 
-use crate::id_of;
 use crate::runtime::cgroup::Cgroups;
 use crate::runtime::instance::{Handle, NodeRuntime, Plan};
 use crate::runtime::net::{self, PodNet};
+use crate::{id_of, name_of};
 
 /// How this node presents itself and where it keeps things.
 #[derive(Debug, Clone)]
@@ -376,13 +376,6 @@ async fn sync_routes(
             Err(e) => tracing::warn!(node.name = %name, error = %e, "Cannot route to node"),
         }
     }
-}
-
-fn name_of(v: &Value) -> String {
-    v.pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string()
 }
 
 struct Running {

@@ -565,26 +565,15 @@ fn clear(s: &mut State, plural: &str) {
     }
 }
 
-fn labels_of(v: &Value) -> BTreeMap<String, String> {
-    v.pointer("/metadata/labels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
+fn labels_of(v: &Value) -> skiff_api::meta::Labels {
+    skiff_api::meta::labels_in(v)
 }
 
 fn put(s: &mut State, plural: &str, v: &Value) {
     let id = id_of(v);
     match plural {
         "namespaces" => {
-            let name = v
-                .pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            s.namespaces.insert(name.to_string(), labels_of(v));
+            s.namespaces.insert(crate::name_of(v), labels_of(v));
         }
         "instances" => {
             s.instances.insert(id, v.clone());
@@ -637,11 +626,7 @@ fn remove(s: &mut State, plural: &str, v: &Value) {
     let id = id_of(v);
     match plural {
         "namespaces" => {
-            let name = v
-                .pointer("/metadata/name")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            s.namespaces.remove(name);
+            s.namespaces.remove(&crate::name_of(v));
         }
         "instances" => {
             s.instances.remove(&id);

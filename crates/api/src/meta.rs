@@ -121,6 +121,20 @@ pub fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
+/// The labels of an object as JSON (`metadata.labels`); empty when absent,
+/// and values that are not strings are left out.
+pub fn labels_in(object: &serde_json::Value) -> Labels {
+    object
+        .pointer("/metadata/labels")
+        .and_then(serde_json::Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -340,14 +340,7 @@ fn object(kv: &KeyValue) -> Result<Value, ApiError> {
 }
 
 fn labels_of(v: &Value) -> skiff_api::meta::Labels {
-    v.pointer("/metadata/labels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
+    skiff_api::meta::labels_in(v)
 }
 
 async fn get(state: &AppState, who: &Principal, t: &Target) -> Result<Response, ApiError> {

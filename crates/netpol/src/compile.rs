@@ -411,6 +411,31 @@ mod tests {
             .collect()
     }
 
+    /// Compiles for `local` (ifindex → instance index) with the map limit `max`.
+    fn compile_for(
+        policies: &[PolicyRule],
+        instances: &[Instance],
+        local: &[(u32, usize)],
+        host: &[Ipv4Addr],
+        max: usize,
+    ) -> (Result<Compiled, CompileError>, Identities) {
+        let local: BTreeMap<u32, usize> = local.iter().copied().collect();
+        let mut ids = Identities::default();
+        let out = compile(
+            &Input {
+                policies,
+                default: DefaultPolicy::IsolateSelected,
+                namespaces: &BTreeMap::new(),
+                instances,
+                local: &local,
+                host,
+                max_policy_entries: max,
+            },
+            &mut ids,
+        );
+        (out, ids)
+    }
+
     fn inst(ns: &str, app: &str, port: u16, last: u8) -> Instance {
         Instance {
             namespace: ns.into(),
@@ -434,21 +459,14 @@ mod tests {
             inst("shop", "db", 5432, 3),
             inst("shop", "other", 9000, 4),
         ];
-        let local: BTreeMap<u32, usize> = [(10, 1), (11, 0)].into();
-        let mut ids = Identities::default();
-        let out = compile(
-            &Input {
-                policies: &policies,
-                default: DefaultPolicy::IsolateSelected,
-                namespaces: &BTreeMap::new(),
-                instances: &instances,
-                local: &local,
-                host: &[Ipv4Addr::new(198, 19, 0, 1)],
-                max_policy_entries: 1000,
-            },
-            &mut ids,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let (out, mut ids) = compile_for(
+            &policies,
+            &instances,
+            &[(10, 1), (11, 0)],
+            &[Ipv4Addr::new(198, 19, 0, 1)],
+            1000,
+        );
+        let out = out.unwrap_or_else(|e| panic!("{e}"));
         let web = ids.of("shop", &instances[0].labels);
         let db = ids.of("shop", &instances[1].labels);
         assert_eq!(
@@ -492,20 +510,8 @@ mod tests {
             "apiVersion: skiff.dev/v1\nkind: Policy\nmetadata: {name: out, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  egress:\n  - to: [{cidr: 203.0.113.0/24, except: [203.0.113.128/25]}]\n",
         );
         let instances = vec![inst("shop", "web", 8080, 2)];
-        let local: BTreeMap<u32, usize> = [(5, 0)].into();
-        let out = compile(
-            &Input {
-                policies: &policies,
-                default: DefaultPolicy::IsolateSelected,
-                namespaces: &BTreeMap::new(),
-                instances: &instances,
-                local: &local,
-                host: &[],
-                max_policy_entries: 1000,
-            },
-            &mut Identities::default(),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let (out, _) = compile_for(&policies, &instances, &[(5, 0)], &[], 1000);
+        let out = out.unwrap_or_else(|e| panic!("{e}"));
         let block = out.ipcache[&(Ipv4Addr::new(203, 0, 113, 0), 24)];
         let except = out.ipcache[&(Ipv4Addr::new(203, 0, 113, 128), 25)];
         assert_ne!(block, except);
@@ -528,21 +534,8 @@ mod tests {
             "apiVersion: skiff.dev/v1\nkind: Policy\nmetadata: {name: db, namespace: shop}\nspec:\n  selector: {matchLabels: {app: db}}\n  ingress:\n  - from: [{workloads: {matchLabels: {app: web}}}]\n    ports: [{port: 5432}]\n---\napiVersion: skiff.dev/v1\nkind: Policy\nmetadata: {name: watch, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mode: audit\n  egress: []\n",
         );
         let instances = vec![inst("shop", "web", 8080, 2), inst("shop", "db", 5432, 3)];
-        let local: BTreeMap<u32, usize> = [(10, 0)].into();
-        let mut ids = Identities::default();
-        let out = compile(
-            &Input {
-                policies: &policies,
-                default: DefaultPolicy::IsolateSelected,
-                namespaces: &BTreeMap::new(),
-                instances: &instances,
-                local: &local,
-                host: &[],
-                max_policy_entries: 1000,
-            },
-            &mut ids,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let (out, mut ids) = compile_for(&policies, &instances, &[(10, 0)], &[], 1000);
+        let out = out.unwrap_or_else(|e| panic!("{e}"));
         // web's egress is isolated only in audit mode: everything passes,
         // and everything is reported as what the audit policy would deny.
         let db = ids.of("shop", &instances[1].labels);
@@ -568,20 +561,8 @@ mod tests {
             "apiVersion: skiff.dev/v1\nkind: Policy\nmetadata: {name: wide, namespace: shop}\nspec:\n  selector: {}\n  ingress:\n  - ports: [{port: 1000, endPort: 3000}]\n",
         );
         let instances = vec![inst("shop", "a", 80, 2), inst("shop", "b", 80, 3)];
-        let local: BTreeMap<u32, usize> = [(1, 0), (2, 1)].into();
-        let err = compile(
-            &Input {
-                policies: &policies,
-                default: DefaultPolicy::IsolateSelected,
-                namespaces: &BTreeMap::new(),
-                instances: &instances,
-                local: &local,
-                host: &[],
-                max_policy_entries: 100,
-            },
-            &mut Identities::default(),
-        )
-        .unwrap_err();
+        let (err, _) = compile_for(&policies, &instances, &[(1, 0), (2, 1)], &[], 100);
+        let err = err.unwrap_err();
         assert!(
             matches!(err, CompileError::PolicyMapFull { capacity: 100, .. }),
             "{err}"

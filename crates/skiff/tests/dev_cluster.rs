@@ -434,26 +434,16 @@ fn bench_failover_on_a_real_cluster_prints_json() {
     if !can_run("bench_failover_on_a_real_cluster_prints_json") {
         return;
     }
-    let out = std::process::Command::new(EXE)
-        .args([
-            "bench",
-            "failover",
-            "--nodes",
-            "2",
-            "--replicas",
-            "2",
-            "--grace",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let v = bench_json(&[
+        "failover",
+        "--nodes",
+        "2",
+        "--replicas",
+        "2",
+        "--grace",
+        "1",
+        "--json",
+    ]);
     assert_eq!(v["bench"], "failover");
     assert!(v["max_instances"].as_u64().is_some_and(|m| m <= 2), "{v}");
     let (detect, replaced) = (v["detect_s"].as_f64(), v["replaced_ready_s"].as_f64());
@@ -757,24 +747,14 @@ fn bench_policy_propagation_prints_json() {
     if !can_run("bench_policy_propagation_prints_json") {
         return;
     }
-    let out = std::process::Command::new(EXE)
-        .args([
-            "bench",
-            "policy-propagation",
-            "--nodes",
-            "2",
-            "--changes",
-            "4",
-            "--json",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let v = bench_json(&[
+        "policy-propagation",
+        "--nodes",
+        "2",
+        "--changes",
+        "4",
+        "--json",
+    ]);
     assert_eq!(v["bench"], "policy-propagation");
     assert_eq!(v["changes"], 4);
     assert!(v["p99_ms"].as_f64() >= v["p50_ms"].as_f64(), "{v}");

@@ -180,3 +180,18 @@ pub fn netns_of(c: &Cluster, address: &str) -> String {
     let a = address.parse().unwrap_or_else(|e| panic!("{address}: {e}"));
     skiff_cli::dev::netns_of(c, a).unwrap_or_else(|| panic!("no instance namespace has {address}"))
 }
+
+/// Runs `skiff bench ARGS` and reads its JSON line (panics with stderr on failure).
+pub fn bench_json(args: &[&str]) -> Value {
+    let out = Command::new(EXE)
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
