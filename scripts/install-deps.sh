@@ -13,7 +13,8 @@ set -euo pipefail
 #                  end-to-end tests reach instances with it
 #   iproute2       `ip`: the agent and `skiff dev` make namespaces, veths and routes with it
 #   clang, libbpf-dev  building the eBPF datapath (ebpf/*.bpf.c, compiled by skiff-netpol's build.rs)
-PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl iproute2 clang libbpf-dev)
+#   wrk, iptables  `skiff bench policy` (load, and the iptables peer), smoke-tested in the suite
+PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl iproute2 clang libbpf-dev wrk iptables)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -14,6 +14,8 @@ pub enum BenchCommand {
     PolicyEval(PolicyEvalArgs),
     /// Time from a node's death to its instances running elsewhere (hollow nodes).
     Failover(crate::bench_cluster::FailoverArgs),
+    /// Cost of N policy rules for traffic between two instances: none, Skiff's eBPF, iptables (root).
+    Policy(crate::bench_datapath::PolicyArgs),
     /// Time from a policy change to its enforcement on every node (real local cluster, root).
     PolicyPropagation(crate::bench_policy::PropagationArgs),
     /// Control-plane cost of many hollow nodes and instances.
@@ -47,6 +49,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<u8> {
         BenchCommand::Scheduler(a) => crate::bench_scheduler::run(a),
         BenchCommand::Failover(a) => crate::bench_cluster::failover(a),
         BenchCommand::PolicyPropagation(a) => crate::bench_policy::propagation(a),
+        BenchCommand::Policy(a) => crate::bench_datapath::run(a),
         BenchCommand::Cluster(a) => crate::bench_cluster::cluster(a),
     }
 }

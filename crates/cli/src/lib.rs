@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_cluster;
+pub mod bench_datapath;
 mod bench_etcd;
 pub mod bench_policy;
 pub mod bench_scheduler;

@@ -759,3 +759,32 @@ fn bench_policy_propagation_prints_json() {
     assert_eq!(v["changes"], 4);
     assert!(v["p99_ms"].as_f64() >= v["p50_ms"].as_f64(), "{v}");
 }
+
+#[test]
+fn bench_policy_prints_json() {
+    if !can_run("bench_policy_prints_json") {
+        return;
+    }
+    let v = bench_json(&[
+        "policy",
+        "--rules",
+        "50",
+        "--seconds",
+        "1",
+        "--rounds",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(v["bench"], "policy");
+    assert_eq!(v["rules"], 50);
+    for k in [
+        "baseline_rps",
+        "skiff_rps",
+        "iptables_rps",
+        "baseline_conn_per_s",
+        "skiff_conn_per_s",
+        "iptables_conn_per_s",
+    ] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {v}");
+    }
+}
