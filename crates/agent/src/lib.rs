@@ -58,7 +58,10 @@ pub async fn simulate(client: Client, sim: Simulation) -> Result<(), ClientError
             }
         });
     }
-    let mine: HashSet<String> = nodes.iter().cloned().collect();
+    let mine: Arc<HashSet<String>> = Arc::new(nodes.iter().cloned().collect());
+    // Status reports go out 16 at a time: one by one, a thousand nodes'
+    // worth of new instances waits on round trips.
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
     // Reads act for the first node (a join-token request must name one).
     let client = match nodes.first() {
         Some(first) => client.with_node(first),
@@ -66,15 +69,15 @@ pub async fn simulate(client: Client, sim: Simulation) -> Result<(), ClientError
     };
     let instances = kind("instances")?;
     let list = client.list(instances, None, None).await?;
-    for v in &list.items {
-        report(&client, &mine, v, &running).await;
+    for v in list.items {
+        spawn_report(&client, &mine, v, &running, &slots).await;
     }
     let mut watch = client.watch(instances, None, None, list.revision);
     while let Some(event) = watch.next().await {
         let event = event?;
         match event.kind {
             EventType::Added | EventType::Modified => {
-                report(&client, &mine, &event.object, &running).await
+                spawn_report(&client, &mine, event.object, &running, &slots).await
             }
             EventType::Deleted => {
                 let id = id_of(&event.object);
@@ -137,6 +140,24 @@ async fn register(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Reports an instance in its own task once one of the `slots` is free.
+async fn spawn_report(
+    client: &Client,
+    mine: &Arc<HashSet<String>>,
+    v: Value,
+    running: &Arc<Mutex<HashSet<String>>>,
+    slots: &Arc<tokio::sync::Semaphore>,
+) {
+    let Ok(slot) = slots.clone().acquire_owned().await else {
+        return;
+    };
+    let (client, mine, running) = (client.clone(), mine.clone(), running.clone());
+    tokio::spawn(async move {
+        report(&client, &mine, &v, &running).await;
+        drop(slot);
+    });
 }
 
 /// Marks an instance assigned to one of our nodes as running and ready.

@@ -340,7 +340,9 @@ fn header(kind: &KindInfo, show_ns: bool, wide: bool) -> Vec<String> {
     h.push("NAME");
     h.extend(match kind.kind {
         "Service" => &["REPLICAS", "PORTS"][..],
-        "Instance" => &["SERVICE", "NODE", "PHASE", "READY", "ADDRESS", "RESTARTS"][..],
+        "Instance" => &[
+            "SERVICE", "NODE", "PHASE", "READY", "ADDRESS", "RESTARTS", "AGE",
+        ][..],
         "Node" => &["READY", "ADDRESS", "POD CIDR", "SCHEDULABLE"][..],
         "Policy" => &["SELECTOR", "MODE", "INGRESS", "EGRESS"][..],
         "NetworkPolicy" => &["POD SELECTOR", "INGRESS", "EGRESS"][..],
@@ -352,6 +354,24 @@ fn header(kind: &KindInfo, show_ns: bool, wide: bool) -> Vec<String> {
         h.push("LABELS");
     }
     h.into_iter().map(String::from).collect()
+}
+
+/// How long ago an RFC 3339 time was, as `kubectl` shows ages: 45s, 3m, 5h, 2d.
+fn age(rfc3339: &str) -> String {
+    let Ok(then) =
+        time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+    else {
+        return String::new();
+    };
+    let secs = (time::OffsetDateTime::now_utc() - then)
+        .whole_seconds()
+        .max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 2 * 3600 => format!("{}m", s / 60),
+        s if s < 2 * 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
 }
 
 fn text(v: Option<&Value>) -> String {
@@ -445,6 +465,13 @@ fn row(kind: &KindInfo, o: &Value, show_ns: bool, wide: bool) -> Vec<String> {
             ] {
                 r.push(text(p(path)));
             }
+            // Since its first event (the controller's Scheduled or FailedScheduling, at creation).
+            r.push(
+                p("/status/events/0/time")
+                    .and_then(Value::as_str)
+                    .map(age)
+                    .unwrap_or_default(),
+            );
         }
         "Node" => {
             r.push(text(p("/status/ready")));

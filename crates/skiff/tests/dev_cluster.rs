@@ -87,6 +87,21 @@ fn replicas_spread_answer_across_nodes_and_fail_over_without_resurrection() {
         &service("demo", "spread", 6, &app),
     );
     let items = ready_replicas(&c, "spread", 6, None);
+    let (_, table, _) = skiff(&c, &["get", "instances", "-n", "demo", "-o", "wide"]);
+    assert!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains("RESTARTS") && h.contains("AGE")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .skip(1)
+            .all(|l| l.contains(" running ") && (l.contains("s ") || l.contains("m "))),
+        "{table}"
+    );
     let spread = per_node(&items);
     assert_eq!(
         spread.values().copied().collect::<Vec<_>>(),
