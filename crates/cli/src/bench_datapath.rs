@@ -107,6 +107,25 @@ fn measure(args: &PolicyArgs, c: &crate::dev::Cluster) -> anyhow::Result<Value> 
         .ok_or_else(|| anyhow::anyhow!("no namespace for the client"))?;
     let server_ns = crate::dev::netns_of(c, server)
         .ok_or_else(|| anyhow::anyhow!("no namespace for the server"))?;
+    // Many short connections: give the client the whole ephemeral range and
+    // let it reuse ports whose TIME_WAIT is over, so runs measure the
+    // datapath rather than port exhaustion.
+    for (ns, key, value) in [
+        (&client_ns, "ip_local_port_range", "1024 65000"),
+        (&client_ns, "tcp_tw_reuse", "1"),
+        (&server_ns, "tcp_max_tw_buckets", "4096"),
+    ] {
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "sh",
+                "-c",
+                &format!("echo {value} > /proc/sys/net/ipv4/{key}"),
+            ])
+            .status();
+    }
     let url = format!("http://{server}:{PORT}/healthz");
     wait_answer(&client_ns, &url)?;
 
