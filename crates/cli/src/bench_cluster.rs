@@ -314,20 +314,8 @@ fn failover_real(args: &FailoverArgs) -> anyhow::Result<u8> {
         nix::unistd::geteuid().is_root(),
         "the real failover bench runs a local cluster: run it as root, or pass --hollow"
     );
-    let dir = tempfile::tempdir()?;
-    let options = crate::dev::Options {
-        nodes: args.nodes,
-        node_grace: args.grace,
-        self_fence: false,
-        config: dir.path().join("config"),
-    };
-    let mut c = crate::dev::Cluster::up(&std::env::current_exe()?, &options)?;
-    let result = measure_failover(args, &mut c);
-    if result.is_err() {
-        eprintln!("server log (last lines):\n{}", c.log_tail("server", 40));
-    }
-    let (detect, replaced, peak) = result?;
-    c.teardown();
+    let (detect, replaced, peak) =
+        crate::dev::with_cluster(args.nodes, args.grace, |c| measure_failover(args, c))?;
     println!(
         "{}",
         failover_json(

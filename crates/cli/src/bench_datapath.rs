@@ -52,19 +52,7 @@ pub fn run(args: &PolicyArgs) -> anyhow::Result<u8> {
             "`{tool}` is needed: apt-get install wrk iptables"
         );
     }
-    let dir = tempfile::tempdir()?;
-    let options = crate::dev::Options {
-        nodes: 1,
-        node_grace: 3.0,
-        self_fence: false,
-        config: dir.path().join("config"),
-    };
-    let mut c = crate::dev::Cluster::up(&std::env::current_exe()?, &options)?;
-    let result = measure(args, &c);
-    if result.is_err() {
-        eprintln!("server log (last lines):\n{}", c.log_tail("server", 40));
-    }
-    c.teardown();
+    let result = crate::dev::with_cluster(1, 3.0, |c| measure(args, c));
     println!("{}", result?);
     Ok(0)
 }

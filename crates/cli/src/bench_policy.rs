@@ -38,19 +38,7 @@ pub fn propagation(args: &PropagationArgs) -> anyhow::Result<u8> {
         args.nodes >= 1 && args.changes >= 2,
         "--nodes ≥ 1 and --changes ≥ 2"
     );
-    let dir = tempfile::tempdir()?;
-    let options = crate::dev::Options {
-        nodes: args.nodes,
-        node_grace: 3.0,
-        self_fence: false,
-        config: dir.path().join("config"),
-    };
-    let mut c = crate::dev::Cluster::up(&std::env::current_exe()?, &options)?;
-    let result = measure(args, &c);
-    if result.is_err() {
-        eprintln!("server log (last lines):\n{}", c.log_tail("server", 40));
-    }
-    c.teardown();
+    let result = crate::dev::with_cluster(args.nodes, 3.0, |c| measure(args, c));
     let mut times = result?;
     let max = times.iter().max().copied().unwrap_or_default();
     println!(

@@ -675,6 +675,30 @@ fn first_line_with(
     rx.recv_timeout(within).ok()
 }
 
+/// Runs `f` on a fresh local cluster (admin config in a temporary
+/// directory) and tears it down afterwards; when `f` fails, the server
+/// log's tail goes to stderr first. The benches run this way.
+pub fn with_cluster<T>(
+    nodes: usize,
+    node_grace: f64,
+    f: impl FnOnce(&mut Cluster) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let dir = tempfile::tempdir()?;
+    let options = Options {
+        nodes,
+        node_grace,
+        self_fence: false,
+        config: dir.path().join("config"),
+    };
+    let mut c = Cluster::up(&std::env::current_exe()?, &options)?;
+    let result = f(&mut c);
+    if result.is_err() {
+        eprintln!("server log (last lines):\n{}", c.log_tail("server", 40));
+    }
+    c.teardown();
+    result
+}
+
 /// The network namespace of the instance at `address` in cluster `c`.
 pub fn netns_of(c: &Cluster, address: Ipv4Addr) -> Option<String> {
     let names: Vec<String> = std::fs::read_dir("/run/netns")
