@@ -18,6 +18,7 @@ use skiff_api::{KINDS, KindInfo, load_str_in};
 use skiff_identity::Principal;
 use skiff_store::{EmbeddedStore, Event, KeyValue, Store};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::auth::{Peer, Verb, authenticate, authorize};
 use crate::error::ApiError;
@@ -121,7 +122,18 @@ async fn dispatch(state: &Arc<AppState>, req: Request) -> Result<Response, ApiEr
         &state.join_token,
     )?;
     let span = tracing::info_span!("request", http.method = %req.method(), http.path = %path, client.principal = %who);
-    let _guard = span.enter();
+    // Instrumented, not entered: a guard held across `.await` on a
+    // multi-threaded runtime corrupts the subscriber's span stacks (log
+    // lines nested in other requests' spans, and worse).
+    routed(state, req, path, who).instrument(span).await
+}
+
+async fn routed(
+    state: &Arc<AppState>,
+    req: Request,
+    path: String,
+    who: Principal,
+) -> Result<Response, ApiError> {
     if path == "/metrics" {
         let stats = state.store.stats();
         let text = state.metrics.render(state.store.revision(), stats.commits);
