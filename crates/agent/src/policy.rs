@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use skiff_api::net::Protocol;
+use skiff_api::KindInfo;
 use skiff_api::policy::DefaultPolicy;
 use skiff_api::policytest::NamedPort;
-use skiff_api::{KindInfo, Resource};
 use skiff_client::{Client, EventType};
 use skiff_netpol::PolicyRule;
+use skiff_netpol::cluster;
 use skiff_netpol::compile::{self, Compiled, Identities, Input};
 use skiff_netpol::datapath::Datapath;
 use skiff_netpol::maps::SKIFF_MAX_POLICY;
@@ -406,33 +406,11 @@ fn build(
     let mut index = BTreeMap::new();
     for (id, v) in &s.instances {
         // A local instance's address is known here before its status says it.
-        let reported = v
-            .pointer("/status/address")
-            .and_then(Value::as_str)
-            .and_then(|a| a.parse().ok());
-        let Some(address) = local.get(id).map(|&(_, a)| a).or(reported) else {
+        let Some(i) = cluster::instance(v, &s.services, local.get(id).map(|&(_, a)| a)) else {
             continue;
         };
-        let ns = v
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let service = v
-            .pointer("/spec/service")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let labels = labels_of(v);
         index.insert(id.clone(), instances.len());
-        instances.push(compile::Instance {
-            namespace: ns.to_string(),
-            labels,
-            ports: s
-                .services
-                .get(&format!("{ns}/{service}"))
-                .cloned()
-                .unwrap_or_default(),
-            address,
-        });
+        instances.push(i);
     }
     let local: BTreeMap<u32, usize> = local
         .iter()
@@ -579,45 +557,13 @@ fn put(s: &mut State, plural: &str, v: &Value) {
             s.instances.insert(id, v.clone());
         }
         "services" => {
-            let ports = v
-                .pointer("/spec/ports")
-                .and_then(Value::as_array)
-                .map(|ports| {
-                    ports
-                        .iter()
-                        .filter_map(|p| {
-                            Some(NamedPort {
-                                name: p.get("name").and_then(Value::as_str).map(str::to_string),
-                                port: u16::try_from(p.get("port")?.as_u64()?).ok()?,
-                                protocol: if p.get("protocol").and_then(Value::as_str)
-                                    == Some("udp")
-                                {
-                                    Protocol::Udp
-                                } else {
-                                    Protocol::Tcp
-                                },
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            s.services.insert(id, ports);
+            s.services.insert(id, cluster::service_ports(v));
         }
-        kind => match skiff_api::load_str("store", &v.to_string()) {
-            Ok(loaded) => {
-                for l in loaded {
-                    if let Some(rule) =
-                        matches!(l.resource, Resource::Policy(_) | Resource::NetworkPolicy(_))
-                            .then(|| PolicyRule::from_resource(&l.resource))
-                            .flatten()
-                    {
-                        s.policies.insert(format!("{kind}:{id}"), rule);
-                    }
-                }
+        kind => match cluster::policy(v) {
+            Some(rule) => {
+                s.policies.insert(format!("{kind}:{id}"), rule);
             }
-            Err(e) => {
-                tracing::warn!(policy = %id, errors = ?e, "A stored policy does not decode; ignoring it")
-            }
+            None => tracing::warn!(policy = %id, "A stored policy does not decode; ignoring it"),
         },
     }
 }

@@ -490,6 +490,9 @@ async fn create(
         t.name.as_deref(),
         Some(&v),
     )?;
+    if crate::policy_capacity::applies_to(t.kind.kind) {
+        crate::policy_capacity::check(&state.store, &t.key(), &v, &r.display_name()).await?;
+    }
     let bytes = stored_json(&mut v)?;
     let revision = state.store.create(&t.key(), bytes, None).await?;
     tracing::info!(object.kind = t.kind.kind, object.name = ?t.name, revision, "Created");
@@ -555,6 +558,9 @@ async fn update(
         }
         v
     };
+    if !status && crate::policy_capacity::applies_to(t.kind.kind) {
+        crate::policy_capacity::check(&state.store, &t.key(), &v, &r.display_name()).await?;
+    }
     let bytes = stored_json(&mut v)?;
     let revision = state.store.update(&t.key(), bytes, expected).await?;
     tracing::info!(object.kind = t.kind.kind, object.name = ?t.name, revision, "Updated");

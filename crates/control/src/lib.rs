@@ -10,6 +10,7 @@ pub mod ipam;
 mod logs;
 pub mod metrics;
 pub mod pki;
+mod policy_capacity;
 mod serve;
 
 use std::future::Future;

@@ -3,6 +3,7 @@
 //! loader of that datapath.
 
 pub mod bench;
+pub mod cluster;
 pub mod compile;
 pub mod datapath;
 pub mod engine;

@@ -361,6 +361,48 @@ async fn credentials_are_checked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_sets_a_node_could_not_hold_are_refused_at_apply_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), 0);
+    let admin = server.client();
+    admin.create(kind("nodes"), None, &json!({"apiVersion": "skiff.dev/v1", "kind": "Node", "metadata": {"name": "n1"}, "spec": {}, "status": {"ready": true}})).await.unwrap();
+    admin.create(kind("services"), Some("shop"), &json!({"apiVersion": "skiff.dev/v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}}, "spec": {"run": {"command": "/bin/web"}, "ports": [{"name": "http", "port": 8080}]}})).await.unwrap();
+    for (name, addr) in [("web-1", "198.19.0.2"), ("web-2", "198.19.0.3")] {
+        admin.create(kind("instances"), Some("shop"), &json!({"apiVersion": "skiff.dev/v1", "kind": "Instance", "metadata": {"name": name, "namespace": "shop", "labels": {"app": "web"}}, "spec": {"service": "web", "node": "n1"}, "status": {"phase": "running", "ready": true, "address": addr}})).await.unwrap();
+    }
+    let policy = |name: &str, end: u16| {
+        json!({"apiVersion": "skiff.dev/v1", "kind": "Policy", "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "ingress": [{"ports": [{"port": 1, "endPort": end}, {"port": 1, "endPort": end, "protocol": "UDP"}]}]}})
+    };
+    // Every port, from every peer, both protocols: more than the map holds.
+    let err = admin
+        .create(kind("policies"), Some("shop"), &policy("wide", 65535))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(422), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(
+            "Policy shop/wide: refused, nothing changed: on node n1: the policy map needs"
+        ),
+        "{text}"
+    );
+    assert!(
+        admin
+            .get(kind("policies"), Some("shop"), "wide")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing was written"
+    );
+    // A set that fits is applied.
+    admin
+        .create(kind("policies"), Some("shop"), &policy("narrow", 100))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_revisions_conflict() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), 0);
