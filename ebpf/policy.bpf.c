@@ -228,12 +228,6 @@ static __always_inline int decide(struct __sk_buff *skb, __u8 dir)
 		count(SKIFF_STAT_ALLOWED);
 		return TC_ACT_OK;
 	}
-	/* The peer: the source of what the endpoint receives, the destination of what it sends. */
-	__u32 peer = identity_of(dir == SKIFF_DIR_INGRESS ? f.saddr : f.daddr);
-	if (peer == SKIFF_ID_HOST) {
-		count(SKIFF_STAT_ALLOWED);
-		return TC_ACT_OK;
-	}
 	__u32 zero = 0;
 	__u32 *epoch_p = bpf_map_lookup_elem(&skiff_epoch, &zero);
 	__u32 epoch = epoch_p ? *epoch_p : 0;
@@ -261,6 +255,13 @@ static __always_inline int decide(struct __sk_buff *skb, __u8 dir)
 	}
 	if (known && known->epoch == epoch) {
 		count(SKIFF_STAT_ESTABLISHED);
+		return TC_ACT_OK;
+	}
+	/* The peer (looked up only for flows being decided): the source of
+	 * what the endpoint receives, the destination of what it sends. */
+	__u32 peer = identity_of(dir == SKIFF_DIR_INGRESS ? f.saddr : f.daddr);
+	if (peer == SKIFF_ID_HOST) {
+		count(SKIFF_STAT_ALLOWED);
 		return TC_ACT_OK;
 	}
 	/* Decide the flow as it was first seen: a reply is judged as the

@@ -528,10 +528,6 @@ async fn follow(
     }
 }
 
-fn id_of(v: &Value) -> String {
-    crate::id_of(v)
-}
-
 fn clear(s: &mut State, plural: &str) {
     match plural {
         "namespaces" => s.namespaces.clear(),
@@ -543,15 +539,12 @@ fn clear(s: &mut State, plural: &str) {
     }
 }
 
-fn labels_of(v: &Value) -> skiff_api::meta::Labels {
-    skiff_api::meta::labels_in(v)
-}
-
 fn put(s: &mut State, plural: &str, v: &Value) {
-    let id = id_of(v);
+    let id = crate::id_of(v);
     match plural {
         "namespaces" => {
-            s.namespaces.insert(crate::name_of(v), labels_of(v));
+            s.namespaces
+                .insert(crate::name_of(v), skiff_api::meta::labels_in(v));
         }
         "instances" => {
             s.instances.insert(id, v.clone());
@@ -569,7 +562,7 @@ fn put(s: &mut State, plural: &str, v: &Value) {
 }
 
 fn remove(s: &mut State, plural: &str, v: &Value) {
-    let id = id_of(v);
+    let id = crate::id_of(v);
     match plural {
         "namespaces" => {
             s.namespaces.remove(&crate::name_of(v));

@@ -351,10 +351,6 @@ fn object(kv: &KeyValue) -> Result<Value, ApiError> {
     Ok(v)
 }
 
-fn labels_of(v: &Value) -> skiff_api::meta::Labels {
-    skiff_api::meta::labels_in(v)
-}
-
 async fn get(state: &AppState, who: &Principal, t: &Target) -> Result<Response, ApiError> {
     authorize(
         who,
@@ -389,7 +385,7 @@ async fn list(
     let mut items = Vec::with_capacity(kvs.len());
     for kv in &kvs {
         let o = object(kv)?;
-        if q.selector.matches(&labels_of(&o)) {
+        if q.selector.matches(&skiff_api::meta::labels_in(&o)) {
             items.push(o);
         }
     }
@@ -689,7 +685,7 @@ async fn watch_stream(
             let mut lines = Vec::new();
             for kv in &kvs {
                 let o = object(kv)?;
-                if q.selector.matches(&labels_of(&o)) {
+                if q.selector.matches(&skiff_api::meta::labels_in(&o)) {
                     lines.push(event_line("ADDED", kv.mod_revision, Some(o)));
                 }
             }
@@ -757,6 +753,6 @@ fn watch_line(event: &Event, selector: &LabelSelector) -> Option<Bytes> {
     let mut o = object(kv).ok()?;
     set_revision(&mut o, event.revision());
     selector
-        .matches(&labels_of(&o))
+        .matches(&skiff_api::meta::labels_in(&o))
         .then(|| event_line(kind, event.revision(), Some(o)))
 }

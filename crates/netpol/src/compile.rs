@@ -17,7 +17,7 @@ use skiff_api::net::{Cidr, PortRef, Protocol};
 use skiff_api::policy::DefaultPolicy;
 use skiff_api::policytest::NamedPort;
 
-use crate::engine::{Decision, Engine, Outcome, Resolved, Side};
+use crate::engine::{Engine, Outcome, Resolved, Side};
 use crate::maps::*;
 use crate::model::{Peer, PolicyRule};
 use crate::world::World;
@@ -385,18 +385,6 @@ fn world_sample(blocks: &[Cidr]) -> Option<Ipv4Addr> {
     .iter()
     .filter_map(|a| a.parse::<Ipv4Addr>().ok())
     .find(|a| !blocks.iter().any(|b| b.contains(IpAddr::V4(*a))))
-}
-
-/// What the engine says for a flow between two instances, for tests: the
-/// datapath must agree with this.
-pub fn engine_decision(
-    engine: &Engine,
-    from: Resolved,
-    to: Resolved,
-    port: u16,
-    proto: Protocol,
-) -> Decision {
-    engine.decide(from, to, port, proto).decision
 }
 
 #[cfg(test)]

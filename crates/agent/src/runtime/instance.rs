@@ -78,10 +78,6 @@ impl Handle {
         let _ = self.stop.send(true);
         let _ = self.task.await;
     }
-
-    pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
-    }
 }
 
 /// The instance's status as this agent last reported it.
@@ -318,7 +314,6 @@ enum Outcome {
 struct Checks {
     readiness: Option<Probe>,
     liveness: Option<Probe>,
-    started: tokio::time::Instant,
     next_ready: tokio::time::Instant,
     next_live: tokio::time::Instant,
     ok: u32,
@@ -333,7 +328,6 @@ impl Checks {
         Checks {
             readiness: spec.health.readiness.clone(),
             liveness: spec.health.liveness.clone(),
-            started: now,
             next_ready: now,
             next_live: now,
             ok: 0,
@@ -346,7 +340,6 @@ impl Checks {
     /// After a (re)start: checks begin again after their initial delays.
     fn restart(&mut self) {
         let now = tokio::time::Instant::now();
-        self.started = now;
         self.next_ready = now
             + self
                 .readiness
