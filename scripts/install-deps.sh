@@ -14,7 +14,10 @@ set -euo pipefail
 #   iproute2       `ip`: the agent and `skiff dev` make namespaces, veths and routes with it
 #   clang, libbpf-dev  building the eBPF datapath (ebpf/*.bpf.c, compiled by skiff-netpol's build.rs)
 #   wrk, iptables  `skiff bench policy` (load, and the iptables peer), smoke-tested in the suite
-PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl iproute2 clang libbpf-dev wrk iptables)
+#   haproxy, nginx `skiff bench proxy`: the peers the Skiff proxy is measured against (smoke-tested)
+#   tcpdump        the mesh test checks that only TLS crosses between nodes
+#   nghttp2-client h2load: HTTP/2 load through the mesh in its test
+PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl iproute2 clang libbpf-dev wrk iptables haproxy nginx tcpdump nghttp2-client)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

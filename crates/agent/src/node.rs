@@ -47,6 +47,9 @@ pub struct NodeConfig {
     /// Stop every instance once heartbeats have failed for half the
     /// control plane's node grace (before replacements start elsewhere).
     pub self_fence: bool,
+    /// Inject the sidecar proxy into every instance, with identities in
+    /// this trust domain (`None`: no mesh).
+    pub mesh: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,8 +129,18 @@ pub async fn run(
         let host = vec![cfg.address, net::gateway_of(pod_cidr)];
         tokio::spawn(crate::policy::run(client.clone(), e.clone(), host, default));
     }
+    let mesh = match &cfg.mesh {
+        Some(td) => {
+            let mesh =
+                Arc::new(crate::runtime::mesh::Mesh::new(&cfg.tag, td).map_err(AgentError::Setup)?);
+            tokio::spawn(mesh.clone().follow_discovery(client.clone()));
+            Some(mesh)
+        }
+        None => None,
+    };
     let rt = Arc::new(NodeRuntime {
         enforcer,
+        mesh,
         client: client.clone(),
         cgroups,
         exe: cfg.exe.clone(),
@@ -546,6 +559,7 @@ impl Node {
         let plan = Plan {
             namespace: ns,
             name,
+            service: service.to_string(),
             spec,
             net: PodNet {
                 host_if: net::host_if_name(&netns),

@@ -13,10 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use skiff_api::KindInfo;
 use skiff_api::policy::DefaultPolicy;
 use skiff_api::policytest::NamedPort;
-use skiff_client::{Client, EventType};
+use skiff_client::Client;
 use skiff_netpol::PolicyRule;
 use skiff_netpol::cluster;
 use skiff_netpol::compile::{self, Compiled, Identities, Input};
@@ -491,41 +490,23 @@ async fn follow(
     state: Arc<Mutex<State>>,
     enforcer: Arc<Enforcer>,
 ) {
-    let Some(kind) = KindInfo::find(plural) else {
-        return;
-    };
-    loop {
-        let list = match client.list(kind, None, None).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(kind = plural, error = %e, "Cannot list for policy; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
+    crate::list_and_watch(client, plural, move |change| {
         {
             let mut s = lock(&state);
-            clear(&mut s, plural);
-            for v in &list.items {
-                put(&mut s, plural, v);
+            match change {
+                crate::Change::Reset(items) => {
+                    clear(&mut s, plural);
+                    for v in items {
+                        put(&mut s, plural, v);
+                    }
+                }
+                crate::Change::Put(v) => put(&mut s, plural, v),
+                crate::Change::Delete(v) => remove(&mut s, plural, v),
             }
         }
         enforcer.changed.notify_one();
-        let mut watch = client.watch(kind, None, None, list.revision);
-        while let Some(event) = watch.next().await {
-            let Ok(event) = event else { break };
-            {
-                let mut s = lock(&state);
-                match event.kind {
-                    EventType::Added | EventType::Modified => put(&mut s, plural, &event.object),
-                    EventType::Deleted => remove(&mut s, plural, &event.object),
-                    _ => continue,
-                }
-            }
-            enforcer.changed.notify_one();
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 }
 
 fn clear(s: &mut State, plural: &str) {

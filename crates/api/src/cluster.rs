@@ -142,6 +142,26 @@ pub struct InstanceStatus {
     pub events: Vec<InstanceEvent>,
 }
 
+/// Status of a `Service`, written by the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    /// The service's virtual address: apps connect to it (on the service's
+    /// ports) and their sidecar proxies balance across ready instances. It
+    /// is never routed: the proxies intercept it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtual_address: Option<IpAddr>,
+}
+
+impl Decode for ServiceStatus {
+    fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
+        let m = cx.fields(node, &["virtualAddress"])?;
+        Some(ServiceStatus {
+            virtual_address: m.opt(cx, "virtualAddress"),
+        })
+    }
+}
+
 /// Something that happened to an instance: scheduled, started, unhealthy…
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct InstanceEvent {

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::cluster::{InstanceSpec, InstanceStatus, NodeSpec, NodeStatus, RouteSpec};
+use crate::cluster::{
+    InstanceSpec, InstanceStatus, NodeSpec, NodeStatus, RouteSpec, ServiceStatus,
+};
 use crate::decode::{Cx, Decode, Diagnostic};
 use crate::meta::ObjectMeta;
 use crate::policy::{NetworkPolicySpec, PolicySpec};
@@ -43,7 +45,7 @@ impl<S, T> Object<S, T> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Resource {
-    Service(Box<Object<ServiceSpec>>),
+    Service(Box<Object<ServiceSpec, ServiceStatus>>),
     Instance(Object<InstanceSpec, InstanceStatus>),
     Node(Object<NodeSpec, NodeStatus>),
     Policy(Object<PolicySpec>),
@@ -83,7 +85,7 @@ pub const KINDS: &[KindInfo] = &[
         api_version: API_VERSION,
         plural: "services",
         namespaced: true,
-        has_status: false,
+        has_status: true,
     },
     KindInfo {
         kind: "Instance",

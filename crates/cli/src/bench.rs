@@ -18,6 +18,8 @@ pub enum BenchCommand {
     Policy(crate::bench_datapath::PolicyArgs),
     /// Time from a policy change to its enforcement on every node (real local cluster, root).
     PolicyPropagation(crate::bench_policy::PropagationArgs),
+    /// Latency a proxy hop adds and requests per proxy core: Skiff, the Skiff mTLS pair, haproxy, nginx (loopback).
+    Proxy(crate::bench_proxy::ProxyArgs),
     /// Control-plane cost of many hollow nodes and instances.
     Cluster(crate::bench_cluster::ClusterArgs),
     /// Placements per second and packing quality of the scheduler.
@@ -51,6 +53,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<u8> {
         BenchCommand::PolicyPropagation(a) => crate::bench_policy::propagation(a),
         BenchCommand::Policy(a) => crate::bench_datapath::run(a),
         BenchCommand::Cluster(a) => crate::bench_cluster::cluster(a),
+        BenchCommand::Proxy(a) => crate::bench_proxy::run(a),
     }
 }
 

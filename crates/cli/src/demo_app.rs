@@ -107,7 +107,8 @@ async fn serve(
                     )
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            // HTTP/1.1 and HTTP/2 (prior knowledge), like most real services.
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
         });

@@ -34,6 +34,9 @@ pub struct DevArgs {
     /// half the node grace, before replacements can start elsewhere.
     #[arg(long)]
     pub self_fence: bool,
+    /// Inject the sidecar proxy into every instance (mTLS between them).
+    #[arg(long)]
+    pub mesh: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -48,6 +51,10 @@ pub struct Options {
     pub nodes: usize,
     pub node_grace: f64,
     pub self_fence: bool,
+    /// Agents inject the sidecar proxy (`skiff agent --mesh`).
+    pub mesh: bool,
+    /// Seconds workload certificates live (server default: a day).
+    pub cert_lifetime: Option<f64>,
     /// Where the admin client config goes.
     pub config: PathBuf,
 }
@@ -96,6 +103,8 @@ pub fn run(args: &DevArgs) -> anyhow::Result<u8> {
         nodes: args.nodes,
         node_grace: args.node_grace,
         self_fence: args.self_fence,
+        mesh: args.mesh,
+        cert_lifetime: None,
         config,
     };
     let mut cluster = Cluster::up(&std::env::current_exe()?, &options)?;
@@ -245,6 +254,12 @@ impl Cluster {
             .args(["--advertise", &format!("198.18.{}.1", self.slot)])
             .args(["--pod-cidr-range", &self.pod_range])
             .args(["--node-grace", &self.options.node_grace.to_string()])
+            .args(
+                self.options
+                    .cert_lifetime
+                    .iter()
+                    .flat_map(|s| ["--workload-cert-lifetime".to_string(), s.to_string()]),
+            )
             .arg("--write-config")
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -284,6 +299,7 @@ impl Cluster {
             .args(["--label", &format!("zone=zone-{}", i % 3)])
             .args(["--cpu", "2", "--memory", "4Gi", "--stop-grace", "3"])
             .args(self.options.self_fence.then_some("--self-fence"))
+            .args(self.options.mesh.then_some("--mesh"))
             .arg("--data-dir")
             .arg(self.dir.join(&n.name))
             .env("SKIFF_JOIN_TOKEN", &self.join_token)
@@ -593,6 +609,7 @@ fn cleanup_slot(slot: u8, tags: &[String]) {
     ]);
     for tag in tags {
         skiff_agent::runtime::cgroup::remove_agent_dirs(tag);
+        let _ = std::fs::remove_dir_all(Path::new("/run/skiff-mesh").join(tag));
         skiff_netpol::datapath::unpin(
             &Path::new(skiff_netpol::datapath::BPFFS).join(format!("skiff-{tag}")),
         );
@@ -688,6 +705,8 @@ pub fn with_cluster<T>(
         nodes,
         node_grace,
         self_fence: false,
+        mesh: false,
+        cert_lifetime: None,
         config: dir.path().join("config"),
     };
     let mut c = Cluster::up(&std::env::current_exe()?, &options)?;

@@ -7,6 +7,7 @@ pub mod bench_cluster;
 pub mod bench_datapath;
 mod bench_etcd;
 pub mod bench_policy;
+pub mod bench_proxy;
 pub mod bench_scheduler;
 pub mod bench_store;
 pub mod demo_app;

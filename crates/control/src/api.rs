@@ -41,6 +41,8 @@ pub struct AppState {
     pub node_grace: Duration,
     /// The store lease behind each node's heartbeat key.
     pub node_leases: std::sync::Mutex<std::collections::HashMap<String, skiff_store::LeaseId>>,
+    /// Signs instances' workload certificates.
+    pub workload: crate::certificates::WorkloadCa,
 }
 
 /// Where a node's liveness lease lives; the node lifecycle controller watches it.
@@ -56,6 +58,8 @@ enum Sub {
     Heartbeat,
     /// `/log` (instances): the instance's output, read from its node's agent.
     Log,
+    /// `/certificate` (instances): a workload certificate for a CSR.
+    Certificate,
 }
 
 /// What a path names.
@@ -154,6 +158,11 @@ async fn routed(
         (Method::GET, Some(_), Sub::Log) => {
             crate::logs::read(state, &who, &target.key(), &query).await
         }
+        (Method::POST, Some(name), Sub::Certificate) => {
+            let body = read_body(req).await?;
+            let ns = target.namespace.clone().unwrap_or_default();
+            crate::certificates::issue(state, &who, &target.key(), &ns, name, &body).await
+        }
         (Method::GET, Some(_), Sub::None) => get(state, &who, &target).await,
         (Method::GET, None, _) if query.watch => watch_stream(state, &who, &target, &query).await,
         (Method::GET, None, _) => list(state, &who, &target, &query).await,
@@ -194,6 +203,7 @@ fn parse_path(path: &str) -> Result<Target, ApiError> {
         [plural, name, "status"] => (*plural, Some(name.to_string()), Sub::Status),
         [plural, name, "heartbeat"] => (*plural, Some(name.to_string()), Sub::Heartbeat),
         [plural, name, "log"] => (*plural, Some(name.to_string()), Sub::Log),
+        [plural, name, "certificate"] => (*plural, Some(name.to_string()), Sub::Certificate),
         _ => return Err(not_found()),
     };
     let Some(kind) = KINDS
@@ -224,10 +234,15 @@ fn parse_path(path: &str) -> Result<Target, ApiError> {
     if sub == Sub::Status && !kind.has_status {
         return Err(ApiError::not_found(format!("{} has no status", kind.kind)));
     }
-    if sub == Sub::Log && kind.kind != "Instance" {
+    if matches!(sub, Sub::Log | Sub::Certificate) && kind.kind != "Instance" {
         return Err(ApiError::not_found(format!(
-            "{} has no log; instances do",
-            kind.kind
+            "{} has no {}; instances do",
+            kind.kind,
+            if sub == Sub::Log {
+                "log"
+            } else {
+                "certificate"
+            }
         )));
     }
     if sub == Sub::Heartbeat && kind.kind != "Node" {

@@ -20,9 +20,18 @@ use skiff_api::net::Cidr;
 use crate::api::NODE_LEASES;
 
 /// Starts the controllers; they stop when `shutdown` turns true.
-pub fn spawn(store: Arc<EmbeddedStore>, pod_range: Cidr, shutdown: watch::Receiver<bool>) {
+/// Address ranges the controllers hand out from.
+#[derive(Debug, Clone)]
+pub struct Ranges {
+    /// Nodes' pod ranges (a /24 each).
+    pub pods: Cidr,
+    /// Services' virtual addresses.
+    pub services: Cidr,
+}
+
+pub fn spawn(store: Arc<EmbeddedStore>, ranges: Ranges, shutdown: watch::Receiver<bool>) {
     tokio::spawn(node_lifecycle(store.clone(), shutdown.clone()));
-    tokio::spawn(replicas(store, pod_range, shutdown));
+    tokio::spawn(replicas(store, ranges, shutdown));
 }
 
 fn object(value: &[u8]) -> Option<Value> {
@@ -135,7 +144,7 @@ async fn node_lost(store: &EmbeddedStore, node: &str) -> Result<(), StoreError> 
 }
 
 /// Reconciles after any change (debounced), and every second.
-async fn replicas(store: Arc<EmbeddedStore>, pod_range: Cidr, mut shutdown: watch::Receiver<bool>) {
+async fn replicas(store: Arc<EmbeddedStore>, ranges: Ranges, mut shutdown: watch::Receiver<bool>) {
     let mut changes = match store.watch("/registry/", store.revision()).await {
         Ok(w) => w,
         Err(e) => {
@@ -161,8 +170,11 @@ async fn replicas(store: Arc<EmbeddedStore>, pod_range: Cidr, mut shutdown: watc
                 None => return,
             },
         }
-        if let Err(e) = crate::ipam::assign(&store, &pod_range).await {
+        if let Err(e) = crate::ipam::assign(&store, &ranges.pods).await {
             tracing::warn!(error = %e, "Pod range assignment failed; retrying");
+        }
+        if let Err(e) = crate::ipam::assign_service_addresses(&store, &ranges.services).await {
+            tracing::warn!(error = %e, "Virtual address assignment failed; retrying");
         }
         if let Err(e) = reconcile(&store).await {
             tracing::warn!(error = %e, "Reconcile failed; retrying");

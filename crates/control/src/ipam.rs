@@ -1,6 +1,8 @@
-//! Pod address ranges: each real node gets one /24 from the cluster's pod
-//! range, kept in its `spec.podCIDR` for as long as the Node exists. Hollow
-//! nodes (which run nothing) get none.
+//! Addresses the control plane hands out. Pod ranges: each real node gets
+//! one /24 from the cluster's pod range, kept in its `spec.podCIDR` for as
+//! long as the Node exists (hollow nodes, which run nothing, get none).
+//! Service virtual addresses: each Service gets one address from the
+//! service range, kept in its `status.virtualAddress`.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -84,9 +86,85 @@ pub async fn assign(store: &EmbeddedStore, range: &Cidr) -> Result<(), StoreErro
     Ok(())
 }
 
+/// The lowest address of `range` (neither its network nor its broadcast
+/// address) not in `used`.
+pub fn next_free_address(range: &Cidr, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    let IpAddr::V4(base) = range.addr else {
+        return None;
+    };
+    let size = 1u64 << (32 - u32::from(range.prefix.min(32)));
+    let first = u64::from(u32::from(base)) & !(size - 1);
+    (1..size.saturating_sub(1))
+        .map(|i| Ipv4Addr::from((first + i) as u32))
+        .find(|a| !used.contains(a))
+}
+
+/// Gives every Service without a virtual address the next free one.
+pub async fn assign_service_addresses(
+    store: &EmbeddedStore,
+    range: &Cidr,
+) -> Result<(), StoreError> {
+    let (kvs, _) = store.list("/registry/services/").await?;
+    let services: Vec<(String, u64, Value)> = kvs
+        .iter()
+        .filter_map(|kv| {
+            Some((
+                kv.key.clone(),
+                kv.mod_revision,
+                serde_json::from_slice(&kv.value).ok()?,
+            ))
+        })
+        .collect();
+    let mut used: BTreeSet<Ipv4Addr> = services
+        .iter()
+        .filter_map(|(_, _, v)| v.pointer("/status/virtualAddress")?.as_str()?.parse().ok())
+        .collect();
+    for (key, revision, mut v) in services {
+        if v.pointer("/status/virtualAddress")
+            .is_some_and(|a| !a.is_null())
+        {
+            continue;
+        }
+        let Some(address) = next_free_address(range, &used) else {
+            tracing::error!(service = %key, range = %range, "No virtual address left for a new service: widen --service-cidr");
+            return Ok(());
+        };
+        v["status"]["virtualAddress"] = json!(address.to_string());
+        match store
+            .update(&key, bytes::Bytes::from(v.to_string()), revision)
+            .await
+        {
+            Ok(_) => {
+                used.insert(address);
+                tracing::info!(service = %key, virtual_address = %address, "Assigned a virtual address");
+            }
+            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_addresses_skip_network_and_broadcast_and_used_ones() {
+        let range = cidr("198.18.128.0/30");
+        let mut used = BTreeSet::new();
+        assert_eq!(
+            next_free_address(&range, &used),
+            Some(Ipv4Addr::new(198, 18, 128, 1))
+        );
+        used.insert(Ipv4Addr::new(198, 18, 128, 1));
+        assert_eq!(
+            next_free_address(&range, &used),
+            Some(Ipv4Addr::new(198, 18, 128, 2))
+        );
+        used.insert(Ipv4Addr::new(198, 18, 128, 2));
+        assert_eq!(next_free_address(&range, &used), None);
+    }
 
     fn cidr(s: &str) -> Cidr {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e:?}"))

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod certificates;
 pub mod controllers;
 pub mod error;
 mod flows;
@@ -43,6 +44,12 @@ pub struct ServerOptions {
     pub node_grace: std::time::Duration,
     /// Each real node gets a /24 of this range for its instances.
     pub pod_cidr_range: skiff_api::net::Cidr,
+    /// Services' virtual addresses come from here.
+    pub service_cidr: skiff_api::net::Cidr,
+    /// Workload identities are `spiffe://<trust_domain>/ns/<ns>/sa/<service>`.
+    pub trust_domain: String,
+    /// Lifetime of workload certificates (agents renew them at half).
+    pub workload_cert_lifetime: std::time::Duration,
 }
 
 /// Serves the API until `shutdown` resolves; then stops accepting, ends
@@ -96,8 +103,21 @@ pub async fn run(
         node_grace: opts.node_grace,
         node_leases: std::sync::Mutex::new(std::collections::HashMap::new()),
         shutdown: stopped.clone(),
+        workload: certificates::WorkloadCa {
+            ca: skiff_identity::Ca::from_pem(pki.ca.cert_pem(), &pki.ca.key_pem())
+                .map_err(|e| ServerError::Setup(format!("CA: {e}")))?,
+            trust_domain: opts.trust_domain.clone(),
+            lifetime: opts.workload_cert_lifetime,
+        },
     });
-    controllers::spawn(store.clone(), opts.pod_cidr_range, stopped.clone());
+    controllers::spawn(
+        store.clone(),
+        controllers::Ranges {
+            pods: opts.pod_cidr_range,
+            services: opts.service_cidr,
+        },
+        stopped.clone(),
+    );
     let app = axum::Router::new().fallback(api::handle).with_state(state);
     tracing::info!(url = %url, revision = store.revision(), "Listening");
     // The line tests and scripts wait for.

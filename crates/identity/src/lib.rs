@@ -176,6 +176,38 @@ impl Ca {
         self.sign(params)
     }
 
+    /// A workload certificate for `id`, signed over the public key of a
+    /// certificate signing request made on the node (see [`workload_csr`]),
+    /// so the workload's private key never leaves its node. Only the CSR's
+    /// key is used: the identity, usages and lifetime are the CA's choice,
+    /// whatever the request asked for. Fails when the CSR's signature does
+    /// not verify.
+    pub fn sign_workload(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        now: OffsetDateTime,
+        validity: Duration,
+    ) -> Result<String> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| IdentityError::Invalid(format!("certificate signing request: {e}")))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(&id.service_account, &format!("ns:{}", id.namespace));
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        validity_window(&mut params, now, validity);
+        let issuer = Issuer::from_params(&self.issuer_params, &self.key);
+        let request = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        };
+        Ok(request.signed_by(&issuer)?.pem())
+    }
+
     fn sign(&self, params: CertificateParams) -> Result<Issued> {
         let key = KeyPair::generate()?;
         let issuer = Issuer::from_params(&self.issuer_params, &self.key);
@@ -254,6 +286,105 @@ pub fn principal_of(cert_der: &[u8]) -> Result<Principal> {
     }
 }
 
+/// A workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+/// One that exists is well formed: every part is a non-empty DNS-label-like
+/// string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl SpiffeId {
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<SpiffeId> {
+        for (what, part) in [
+            ("trust domain", trust_domain),
+            ("namespace", namespace),
+            ("service account", service_account),
+        ] {
+            let ok = !part.is_empty()
+                && part.len() <= 253
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+            if !ok {
+                return Err(IdentityError::Invalid(format!(
+                    "{what} {part:?}: use lower-case letters, digits, '-', '.' or '_'"
+                )));
+            }
+        }
+        Ok(SpiffeId {
+            trust_domain: trust_domain.into(),
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+        })
+    }
+}
+
+impl std::str::FromStr for SpiffeId {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<SpiffeId> {
+        let bad = || {
+            IdentityError::Invalid(format!(
+                "{s:?} is not spiffe://<trust-domain>/ns/<namespace>/sa/<service>"
+            ))
+        };
+        let rest = s.strip_prefix("spiffe://").ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [td, "ns", ns, "sa", sa] => SpiffeId::new(td, ns, sa),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+/// A fresh workload key and a signing request for `id`, made where the
+/// workload runs. Returns `(key_pem, csr_pem)`; send only the CSR.
+pub fn workload_csr(id: &SpiffeId) -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(&id.service_account, &format!("ns:{}", id.namespace));
+    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// The SPIFFE identity a verified certificate (DER) carries in its URI
+/// subject alternative name, if any.
+pub fn spiffe_id_of(cert_der: &[u8]) -> Result<Option<SpiffeId>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Ok(None);
+    };
+    for name in &san.value.general_names {
+        if let x509_parser::extensions::GeneralName::URI(uri) = name
+            && uri.starts_with("spiffe://")
+        {
+            return uri.parse().map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// When a certificate (DER) stops being valid, in seconds since the epoch.
+pub fn not_after_unix(cert_der: &[u8]) -> Result<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
 /// A new secret token: 32 random bytes, URL-safe base64, with a prefix
 /// that makes leaked tokens easy to find.
 pub fn new_token() -> String {
@@ -293,6 +424,38 @@ mod tests {
     use super::*;
 
     const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn workload_certificates_carry_the_identity_the_ca_chose() {
+        let now = OffsetDateTime::now_utc();
+        let ca = Ca::generate("test", now, 365 * DAY).unwrap();
+        let asked = SpiffeId::new("skiff.local", "shop", "admin").unwrap();
+        let (_key, csr) = workload_csr(&asked).unwrap();
+        // The CA signs the key for the identity it authorised, not the one asked.
+        let granted: SpiffeId = "spiffe://skiff.local/ns/shop/sa/web".parse().unwrap();
+        let pem = ca.sign_workload(&csr, &granted, now, DAY).unwrap();
+        let der = certs_from_pem(&pem).unwrap().remove(0);
+        assert_eq!(spiffe_id_of(&der).unwrap(), Some(granted));
+        let expiry = not_after_unix(&der).unwrap();
+        assert!((expiry - (now + DAY).unix_timestamp()).abs() <= 1);
+        let mut tampered = csr.clone();
+        tampered.insert(tampered.len() / 2, 'A');
+        assert!(ca.sign_workload(&tampered, &asked, now, DAY).is_err());
+    }
+
+    #[test]
+    fn spiffe_ids_parse_only_in_their_one_form() {
+        let id: SpiffeId = "spiffe://td/ns/a/sa/b".parse().unwrap();
+        assert_eq!(id.to_string(), "spiffe://td/ns/a/sa/b");
+        for bad in [
+            "spiffe://td/ns/a",
+            "http://td/ns/a/sa/b",
+            "spiffe://td/ns//sa/b",
+            "spiffe://TD/ns/a/sa/b",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn issued_certificates_name_their_principal() {

@@ -32,6 +32,8 @@ enum Command {
     Agent(AgentArgs),
     /// A local cluster: server and N node agents in network namespaces, with the demo.
     Dev(skiff_cli::dev::DevArgs),
+    /// The sidecar and ingress proxy, configured from a file.
+    Proxy(ProxyArgs),
     /// The demo shop's HTTP service (what `skiff dev` runs in its instances).
     DemoApp(skiff_cli::demo_app::DemoAppArgs),
     /// The first process of every instance (used by the agent, not by hand).
@@ -102,6 +104,13 @@ struct AgentArgs {
     /// (Kubernetes: everything until a policy selects it) or `deny-all`.
     #[arg(long, default_value = "isolate-selected", value_parser = ["isolate-selected", "deny-all"])]
     policy_default: String,
+    /// Inject the sidecar proxy into every instance: mTLS between
+    /// instances, transparent to the apps (needs iptables on the node).
+    #[arg(long)]
+    mesh: bool,
+    /// Trust domain of workload identities; must match the server's.
+    #[arg(long, default_value = "skiff.local")]
+    trust_domain: String,
     /// Run instances with no network policy enforcement at all (no eBPF).
     #[arg(long)]
     dangerously_skip_network_policy: bool,
@@ -123,6 +132,19 @@ struct AgentArgs {
     /// Hollow nodes are labelled `zone: zone-{i % zones}`.
     #[arg(long, default_value_t = 3)]
     zones: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct ProxyArgs {
+    /// Listeners, services, routes and identity files (YAML or JSON).
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// Worker threads: the cores the proxy may use.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,6 +189,15 @@ struct ServerArgs {
     /// Instance addresses: each node gets a /24 of this range.
     #[arg(long, default_value = "198.19.0.0/16")]
     pod_cidr_range: String,
+    /// Services' virtual addresses (never routed: sidecar proxies intercept them).
+    #[arg(long, default_value = "198.18.128.0/17")]
+    service_cidr: String,
+    /// Trust domain of workload identities (spiffe://<this>/ns/<ns>/sa/<service>).
+    #[arg(long, default_value = "skiff.local")]
+    trust_domain: String,
+    /// Seconds a workload certificate is valid; agents renew at half.
+    #[arg(long, default_value_t = 86_400.0)]
+    workload_cert_lifetime: f64,
 }
 
 fn main() -> ExitCode {
@@ -183,6 +214,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => skiff_cli::logs::run(args),
         Command::Flows(args) => skiff_cli::flows::run(args),
         Command::DemoApp(args) => skiff_cli::demo_app::run(args),
+        Command::Proxy(args) => proxy(args),
         Command::Apply(args) => resources::apply(args),
         Command::Get(args) => resources::get(args),
         Command::Delete(args) => resources::delete(args),
@@ -200,17 +232,40 @@ fn main() -> ExitCode {
     }
 }
 
-fn server(args: &ServerArgs) -> anyhow::Result<u8> {
+/// Logs to stderr, filtered by `SKIFF_LOG` (default `info`).
+fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if args.log_format == "json" {
+    if json {
         logs.json().init();
     } else {
         logs.init();
     }
+}
+
+fn proxy(args: &ProxyArgs) -> anyhow::Result<u8> {
+    init_logs(args.log_format == "json");
+    let config = skiff_proxy::config::Config::load(&args.config)?;
+    anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(skiff_proxy::run(config, shutdown_signal()))?;
+    Ok(0)
+}
+
+fn server(args: &ServerArgs) -> anyhow::Result<u8> {
+    init_logs(args.log_format == "json");
     let write_config = match (&args.write_config, args.no_write_config) {
         (_, true) => None,
         (Some(p), false) => Some(p.clone()),
@@ -220,7 +275,19 @@ fn server(args: &ServerArgs) -> anyhow::Result<u8> {
         args.node_grace >= 0.5,
         "--node-grace must be at least 0.5 seconds"
     );
+    anyhow::ensure!(
+        args.workload_cert_lifetime >= 10.0 && args.workload_cert_lifetime.is_finite(),
+        "--workload-cert-lifetime must be at least 10 seconds"
+    );
+    skiff_identity::SpiffeId::new(&args.trust_domain, "ns", "sa")
+        .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
     let options = skiff_control::ServerOptions {
+        trust_domain: args.trust_domain.clone(),
+        service_cidr: args
+            .service_cidr
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--service-cidr {}: {e}", args.service_cidr))?,
+        workload_cert_lifetime: std::time::Duration::from_secs_f64(args.workload_cert_lifetime),
         data_dir: args.data_dir.clone(),
         listen: args.listen,
         advertise: args.advertise.clone(),
@@ -247,12 +314,7 @@ fn agent(args: &AgentArgs) -> anyhow::Result<u8> {
         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| anyhow::anyhow!("--netns {}: {e}", path.display()))?;
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(false);
     for q in [&args.cpu, &args.memory].into_iter().flatten() {
         skiff_api::quantity::Quantity::parse(q)
             .map_err(|e| anyhow::anyhow!("--cpu/--memory {q:?}: {e}"))?;
@@ -335,6 +397,7 @@ fn agent(args: &AgentArgs) -> anyhow::Result<u8> {
             }
         }),
         join_token: args.join_token.trim().to_string(),
+        mesh: args.mesh.then(|| args.trust_domain.clone()),
     };
     runtime.block_on(skiff_agent::node::run(client, cfg, shutdown_signal()))?;
     Ok(0)

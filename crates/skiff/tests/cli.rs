@@ -445,3 +445,69 @@ fn bench_failover_prints_json() {
         "{v}"
     );
 }
+
+#[test]
+fn bench_proxy_prints_every_path_side_by_side() {
+    let missing: Vec<&str> = ["haproxy", "nginx", "wrk"]
+        .into_iter()
+        .filter(|t| {
+            !["/usr/bin", "/usr/sbin", "/bin", "/sbin"]
+                .iter()
+                .any(|d| std::path::Path::new(d).join(t).is_file())
+        })
+        .collect();
+    if !missing.is_empty() {
+        assert_ne!(
+            std::env::var("SKIFF_E2E").as_deref(),
+            Ok("require"),
+            "bench proxy needs {missing:?} (scripts/install-deps.sh installs them)"
+        );
+        eprintln!("skipping bench_proxy_prints_every_path_side_by_side: {missing:?} not installed");
+        return;
+    }
+    let out = skiff(&[
+        "bench",
+        "proxy",
+        "--seconds",
+        "1",
+        "--max-seconds",
+        "1",
+        "--rates",
+        "200",
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["bench"], "proxy");
+    for path in ["direct", "skiff", "skiff_mtls_pair", "haproxy", "nginx"] {
+        let p = &v["paths"][path];
+        assert_eq!(p["errors_200"], 0, "{path}: {p}");
+        assert!(p["p99_ms_200"].as_f64().unwrap() > 0.0, "{path}: {p}");
+        assert!(p["max_rps"].as_f64().unwrap() > 0.0, "{path}: {p}");
+        if path != "direct" {
+            assert!(p["peak_rss_mb"].as_f64().unwrap() > 1.0, "{path}: {p}");
+        }
+    }
+}
+
+#[test]
+fn a_bad_proxy_config_names_the_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &file,
+        "outbound:\n  - listen: 127.0.0.1:1\n    routes: [{name: r, backends: [{service: ghost}]}]\n",
+    )
+    .unwrap();
+    let out = skiff(&["proxy", "--config", file.to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains(&format!(
+            "{}: outbound[0].routes[0].backends[0].service: no service \"ghost\"",
+            file.display()
+        )),
+        "{stderr}"
+    );
+}

@@ -358,6 +358,48 @@ async fn credentials_are_checked() {
             .status(),
         Some(403)
     );
+
+    // Workload certificates: for the node's own instances only, naming the
+    // instance's service, for the key in the CSR.
+    let id = skiff_identity::SpiffeId::new("skiff.local", "shop", "anything").unwrap();
+    let (_key, csr) = skiff_identity::workload_csr(&id).unwrap();
+    let body = Some(bytes::Bytes::from(json!({ "csr": csr }).to_string()));
+    let cert_path =
+        |name: &str| format!("/apis/skiff.dev/v1/namespaces/shop/instances/{name}/certificate");
+    let (status, answer) = node_cert
+        .raw(Method::POST, &cert_path("web-1"), body.clone())
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer:?}");
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["identity"], "spiffe://skiff.local/ns/shop/sa/web");
+    let der = skiff_identity::certs_from_pem(answer["certificate"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        skiff_identity::spiffe_id_of(&der[0])
+            .unwrap()
+            .unwrap()
+            .to_string(),
+        "spiffe://skiff.local/ns/shop/sa/web"
+    );
+    let lifetime = answer["notAfter"].as_i64().unwrap() - now.unix_timestamp();
+    assert!((86_300..=86_500).contains(&lifetime), "{lifetime}");
+    let (status, answer) = node_cert
+        .raw(Method::POST, &cert_path("web-2"), body)
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{answer:?}");
+    let bad = Some(bytes::Bytes::from(
+        json!({ "csr": "not a csr" }).to_string(),
+    ));
+    let (status, answer) = node_cert
+        .raw(Method::POST, &cert_path("web-1"), bad)
+        .await
+        .unwrap();
+    assert_eq!(status, 400);
+    assert!(
+        String::from_utf8_lossy(&answer).contains("body.csr"),
+        "{answer:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

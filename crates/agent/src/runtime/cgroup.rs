@@ -158,6 +158,7 @@ impl Cgroups {
                     write(&dir.join("cgroup.subtree_control"), &subtree(*cpu, *memory))?;
                 }
                 mkdir(&dir.join("app"))?;
+                mkdir(&dir.join("proxy"))?;
             }
             Ok(())
         })();
@@ -172,9 +173,19 @@ impl Cgroups {
 impl PodCgroup {
     /// The `cgroup.procs` files a process of the app writes its pid to.
     pub fn app_procs(&self) -> Vec<PathBuf> {
+        self.leaf_procs("app")
+    }
+
+    /// The same for the instance's sidecar proxy: a sibling leaf, inside
+    /// the instance's limits.
+    pub fn proxy_procs(&self) -> Vec<PathBuf> {
+        self.leaf_procs("proxy")
+    }
+
+    fn leaf_procs(&self, leaf: &str) -> Vec<PathBuf> {
         self.pods
             .iter()
-            .map(|d| d.join("app").join("cgroup.procs"))
+            .map(|d| d.join(leaf).join("cgroup.procs"))
             .collect()
     }
 

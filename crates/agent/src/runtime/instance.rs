@@ -24,6 +24,8 @@ pub struct NodeRuntime {
     pub client: Client,
     /// Network policy; `None` where it is not enforced.
     pub enforcer: Option<Arc<crate::policy::Enforcer>>,
+    /// Sidecar injection; `None` where the mesh is off.
+    pub mesh: Option<Arc<super::mesh::Mesh>>,
     pub cgroups: Cgroups,
     /// The `skiff` binary, for `internal-exec`.
     pub exe: PathBuf,
@@ -38,6 +40,8 @@ pub struct NodeRuntime {
 pub struct Plan {
     pub namespace: String,
     pub name: String,
+    /// The Service it runs (its identity in the mesh).
+    pub service: String,
     pub spec: ServiceSpec,
     pub net: PodNet,
 }
@@ -110,6 +114,43 @@ async fn run(rt: Arc<NodeRuntime>, plan: Plan, mut stopped: watch::Receiver<bool
             plan.net.remove().await;
             return;
         }
+    };
+    let sidecar = match &rt.mesh {
+        Some(mesh) => match start_sidecar(&rt, mesh, &plan, &cgroup).await {
+            Ok(s) => {
+                let until = time::OffsetDateTime::from_unix_timestamp(s.not_after_unix)
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_default();
+                reporter
+                    .report(
+                        &status,
+                        &[(
+                            "ProxyReady",
+                            format!("mTLS as {}; certificate valid until {until}", s.identity),
+                        )],
+                    )
+                    .await;
+                Some(s)
+            }
+            Err(e) => {
+                status.phase = "failed";
+                status.message = e.clone();
+                reporter.report(&status, &[("FailedSetup", e)]).await;
+                let _ = stopped.changed().await;
+                cgroup.remove();
+                mesh.remove(&plan);
+                if let Some(e) = &rt.enforcer {
+                    e.release(&plan.id());
+                }
+                plan.net.remove().await;
+                return;
+            }
+        },
+        None => None,
     };
     let inside = Inside {
         exe: rt.exe.clone(),
@@ -214,11 +255,124 @@ async fn run(rt: Arc<NodeRuntime>, plan: Plan, mut stopped: watch::Receiver<bool
         reporter.report(&status, &events).await;
     }
     supervisor.stop().await;
+    // The proxy after the app: it drains what the app's last requests left.
+    if let Some(s) = sidecar {
+        s.renew.abort();
+        s.proxy.stop().await;
+    }
+    if let Some(mesh) = &rt.mesh {
+        mesh.remove(&plan);
+    }
     cgroup.remove();
     if let Some(e) = &rt.enforcer {
         e.release(&plan.id());
     }
     plan.net.remove().await;
+}
+
+/// Certificate, config, interception, then the proxy; returns once the
+/// proxy answers `/ready`, with the proxy's supervisor, the renewal task
+/// and the certificate's expiry and identity.
+async fn start_sidecar(
+    rt: &Arc<NodeRuntime>,
+    mesh: &Arc<super::mesh::Mesh>,
+    plan: &Plan,
+    cgroup: &PodCgroup,
+) -> Result<RunningSidecar, String> {
+    use super::mesh::{ADMIN_PORT, PROXY_UID};
+    if plan.spec.run.user.as_deref() == Some(&PROXY_UID.to_string()) {
+        return Err(format!(
+            "the service runs as uid {PROXY_UID}, the sidecar proxy's: its traffic would bypass the mesh; choose another user"
+        ));
+    }
+    let sidecar = mesh
+        .prepare(&rt.client, plan)
+        .await
+        .map_err(|e| format!("sidecar setup failed: {e}"))?;
+    let mut args = vec!["internal-exec".to_string()];
+    for procs in cgroup.proxy_procs() {
+        args.push("--cgroup".into());
+        args.push(procs.display().to_string());
+    }
+    args.extend([
+        "--netns".into(),
+        plan.net.netns_path().display().to_string(),
+        "--user".into(),
+        PROXY_UID.to_string(),
+        "--".into(),
+        rt.exe.display().to_string(),
+        "proxy".into(),
+        "--config".into(),
+        sidecar.config.display().to_string(),
+    ]);
+    let mut spec =
+        supervise::Spec::new(rt.exe.display().to_string(), plan.log_dir(rt).join("proxy"));
+    spec.args = args;
+    spec.stop_grace = Duration::from_secs(10);
+    let proxy = Supervisor::start(spec);
+    let admin = std::net::SocketAddr::from((plan.net.address, ADMIN_PORT));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match probe::http(admin, "/ready").await {
+            Ok(()) => break,
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                proxy.stop().await;
+                return Err(format!(
+                    "the sidecar proxy did not become ready in 10 s: {e}"
+                ));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let renew = tokio::spawn(renew_certificate(
+        rt.clone(),
+        mesh.clone(),
+        plan.clone(),
+        sidecar.not_after_unix,
+    ));
+    Ok(RunningSidecar {
+        proxy,
+        renew,
+        not_after_unix: sidecar.not_after_unix,
+        identity: sidecar.identity.to_string(),
+    })
+}
+
+/// An instance's proxy, running and ready.
+struct RunningSidecar {
+    proxy: Supervisor,
+    /// Renews the certificate until aborted.
+    renew: tokio::task::JoinHandle<()>,
+    not_after_unix: i64,
+    identity: String,
+}
+
+/// Renews the instance's certificate at half its remaining lifetime, and
+/// again each time; a failed renewal is retried every 5 s.
+async fn renew_certificate(
+    rt: Arc<NodeRuntime>,
+    mesh: Arc<super::mesh::Mesh>,
+    plan: Plan,
+    mut not_after: i64,
+) {
+    loop {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let wait = ((not_after - now).max(2) as u64) / 2;
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        loop {
+            match mesh.issue(&rt.client, &plan).await {
+                Ok((_, t)) => {
+                    tracing::info!(instance = %plan.id(), not_after = t, "Certificate renewed");
+                    not_after = t;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %plan.id(), error = %e, "Certificate renewal failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+    }
 }
 
 async fn prepare(rt: &NodeRuntime, plan: &Plan) -> Result<PodCgroup, String> {

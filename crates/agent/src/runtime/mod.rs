@@ -6,6 +6,7 @@
 pub mod cgroup;
 pub mod exec;
 pub mod instance;
+pub mod mesh;
 pub mod net;
 pub mod probe;
 

@@ -59,7 +59,7 @@ fn resolve(port: &PortRef, ports: &[ServicePort]) -> Result<u16, String> {
 }
 
 /// A GET that passes on any 2xx or 3xx status, as Kubernetes' httpGet does.
-async fn http(to: SocketAddr, path: &str) -> Result<(), String> {
+pub(crate) async fn http(to: SocketAddr, path: &str) -> Result<(), String> {
     let mut s = TcpStream::connect(to)
         .await
         .map_err(|e| format!("HTTP GET {path} on {to}: {e}"))?;

@@ -38,10 +38,22 @@ pub fn can_run(test: &str) -> bool {
 
 /// A fresh cluster whose admin config lives in `dir`.
 pub fn cluster(dir: &Path, nodes: usize, self_fence: bool) -> Cluster {
+    cluster_with(dir, nodes, self_fence, None)
+}
+
+/// The same, with the sidecar proxy injected into every instance and
+/// workload certificates living `cert_lifetime` seconds.
+pub fn mesh_cluster(dir: &Path, nodes: usize, cert_lifetime: f64) -> Cluster {
+    cluster_with(dir, nodes, false, Some(cert_lifetime))
+}
+
+fn cluster_with(dir: &Path, nodes: usize, self_fence: bool, mesh: Option<f64>) -> Cluster {
     let options = Options {
         nodes,
         node_grace: 3.0,
         self_fence,
+        mesh: mesh.is_some(),
+        cert_lifetime: mesh,
         config: dir.join("config"),
     };
     Cluster::up(Path::new(EXE), &options).unwrap_or_else(|e| panic!("skiff dev: {e:#}"))

@@ -1,0 +1,349 @@
+//! Sidecar injection: every instance gets a `skiff proxy` in its network
+//! namespace, in its own cgroup leaf, as its own user, started and ready
+//! before the app. The instance's netfilter rules redirect the app's
+//! outgoing TCP to the proxy's outbound port and TCP arriving for it to
+//! the inbound port; the proxy's own sockets (its uid) are exempt, and so is
+//! what the node itself sends (health checks, from the gateway address).
+//!
+//! The proxy's key is made here and never leaves the node; the control
+//! plane signs a CSR for the identity of the instance's Service. Key and
+//! certificates live in tmpfs (`/run`), readable only by the proxy's user,
+//! and are renewed at half their lifetime; the proxy picks up the new files
+//! without dropping connections. One peers file per node, written from one
+//! watch of Instances, tells every local proxy which addresses are meshed
+//! and what identity each must prove.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper::Method;
+use serde_json::{Value, json};
+use skiff_api::KindInfo;
+use skiff_client::Client;
+use skiff_identity::SpiffeId;
+
+use super::instance::Plan;
+
+/// The proxy's user: its sockets are not redirected.
+pub const PROXY_UID: u32 = 1337;
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PORT: u16 = 15006;
+/// `/ready`, `/live`, `/metrics`, on every address of the instance.
+pub const ADMIN_PORT: u16 = 4191;
+
+/// The node's mesh: where sidecar files live and the trust domain.
+#[derive(Debug)]
+pub struct Mesh {
+    dir: PathBuf,
+    pub trust_domain: String,
+}
+
+/// A prepared sidecar: its config and when its certificate expires.
+#[derive(Debug)]
+pub struct Sidecar {
+    pub config: PathBuf,
+    pub identity: SpiffeId,
+    pub not_after_unix: i64,
+}
+
+impl Mesh {
+    /// Clears what an earlier run of this agent left and starts an empty
+    /// peers table.
+    pub fn new(tag: &str, trust_domain: &str) -> Result<Mesh, String> {
+        SpiffeId::new(trust_domain, "ns", "sa").map_err(|e| format!("--trust-domain: {e}"))?;
+        let dir = PathBuf::from("/run/skiff-mesh").join(tag);
+        let _ = std::fs::remove_dir_all(&dir);
+        create_dir(&dir)?;
+        let mesh = Mesh {
+            dir,
+            trust_domain: trust_domain.to_string(),
+        };
+        write_atomic(&mesh.peers_file(), b"{\"peers\": {}}", 0o644, None)?;
+        Ok(mesh)
+    }
+
+    pub fn peers_file(&self) -> PathBuf {
+        self.dir.join("peers.json")
+    }
+
+    fn instance_dir(&self, plan: &Plan) -> PathBuf {
+        self.dir.join(&plan.namespace).join(&plan.name)
+    }
+
+    /// Certificate, proxy config and interception rules for one instance.
+    pub async fn prepare(&self, client: &Client, plan: &Plan) -> Result<Sidecar, String> {
+        let dir = self.instance_dir(plan);
+        create_dir(&dir)?;
+        let (identity, not_after_unix) = self.issue(client, plan).await?;
+        let config = dir.join("proxy.json");
+        let text = json!({
+            "admin": format!("0.0.0.0:{ADMIN_PORT}"),
+            "identity": {
+                "caFile": dir.join("ca.crt"),
+                "certFile": dir.join("tls.crt"),
+                "keyFile": dir.join("tls.key"),
+            },
+            "inbound": [{"listen": format!("0.0.0.0:{INBOUND_PORT}"), "transparent": true}],
+            "outbound": [{"listen": format!("127.0.0.1:{OUTBOUND_PORT}"), "transparent": true}],
+            "peersFile": self.peers_file(),
+            "drainSeconds": 5,
+        });
+        write_atomic(&config, text.to_string().as_bytes(), 0o644, None)?;
+        intercept(plan).await?;
+        Ok(Sidecar {
+            config,
+            identity,
+            not_after_unix,
+        })
+    }
+
+    /// A key made here, a certificate for it from the control plane; both
+    /// written for the proxy. Returns the identity and expiry.
+    pub async fn issue(&self, client: &Client, plan: &Plan) -> Result<(SpiffeId, i64), String> {
+        let id = SpiffeId::new(&self.trust_domain, &plan.namespace, &plan.service)
+            .map_err(|e| format!("identity: {e}"))?;
+        let (key, csr) = skiff_identity::workload_csr(&id).map_err(|e| e.to_string())?;
+        let instances = KindInfo::find("instances").ok_or("no Instance kind")?;
+        let path = format!(
+            "{}/certificate",
+            skiff_client::path(instances, Some(&plan.namespace), Some(&plan.name))
+        );
+        let answer = client
+            .call(Method::POST, &path, Some(&json!({ "csr": csr })))
+            .await
+            .map_err(|e| format!("certificate for {id}: {e}"))?;
+        let field = |k: &str| {
+            answer
+                .get(k)
+                .and_then(Value::as_str)
+                .map(String::from)
+                .ok_or_else(|| format!("certificate answer lacks {k}"))
+        };
+        let granted: SpiffeId = field("identity")?.parse().map_err(|e| format!("{e}"))?;
+        let dir = self.instance_dir(plan);
+        let owner = Some(PROXY_UID);
+        write_atomic(
+            &dir.join("ca.crt"),
+            field("caCertificate")?.as_bytes(),
+            0o644,
+            owner,
+        )?;
+        // Key before certificate: a reader between the two sees a pair that
+        // does not match, refuses it and keeps the previous one.
+        write_atomic(&dir.join("tls.key"), key.as_bytes(), 0o600, owner)?;
+        write_atomic(
+            &dir.join("tls.crt"),
+            field("certificate")?.as_bytes(),
+            0o644,
+            owner,
+        )?;
+        let not_after = answer
+            .get("notAfter")
+            .and_then(Value::as_i64)
+            .ok_or("certificate answer lacks notAfter")?;
+        Ok((granted, not_after))
+    }
+
+    /// Removes an instance's sidecar files.
+    pub fn remove(&self, plan: &Plan) {
+        let _ = std::fs::remove_dir_all(self.instance_dir(plan));
+    }
+
+    /// Keeps the peers file equal to what every local proxy must know:
+    /// each instance's address and identity, and each Service's virtual
+    /// address with its ready instances. One list-then-watch per kind for
+    /// the whole node; the file is rewritten (atomically, numbered) after
+    /// each change settles.
+    pub async fn follow_discovery(self: std::sync::Arc<Self>, client: Client) {
+        let state = std::sync::Arc::new(std::sync::Mutex::new(Discovery::default()));
+        let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+        for plural in ["instances", "services"] {
+            let (state, changed, client) = (state.clone(), changed.clone(), client.clone());
+            tokio::spawn(crate::list_and_watch(client, plural, move |change| {
+                let mut d = state.lock().unwrap_or_else(|p| p.into_inner());
+                let objects = match plural {
+                    "instances" => &mut d.instances,
+                    _ => &mut d.services,
+                };
+                match change {
+                    crate::Change::Reset(items) => {
+                        objects.clear();
+                        for v in items {
+                            objects.insert(crate::id_of(v), v.clone());
+                        }
+                    }
+                    crate::Change::Put(v) => {
+                        objects.insert(crate::id_of(v), v.clone());
+                    }
+                    crate::Change::Delete(v) => {
+                        objects.remove(&crate::id_of(v));
+                    }
+                }
+                changed.notify_one();
+            }));
+        }
+        let mut version = 0u64;
+        loop {
+            changed.notified().await;
+            // Let a burst (a rollout, a relist) settle into one write.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            version += 1;
+            let text = {
+                let d = state.lock().unwrap_or_else(|p| p.into_inner());
+                d.render(&self.trust_domain, version)
+            };
+            if let Err(e) = write_atomic(&self.peers_file(), text.as_bytes(), 0o644, None) {
+                tracing::warn!(error = %e, "Cannot write the mesh peers file");
+            }
+        }
+    }
+}
+
+/// Instances and Services as the discovery writer last saw them, by
+/// `namespace/name`.
+#[derive(Debug, Default)]
+struct Discovery {
+    instances: BTreeMap<String, Value>,
+    services: BTreeMap<String, Value>,
+}
+
+impl Discovery {
+    /// The peers file: every addressed instance's identity, and every
+    /// Service's virtual address with its ready instances.
+    fn render(&self, trust_domain: &str, version: u64) -> String {
+        let str_at = |v: &Value, p: &str| {
+            v.pointer(p)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let mut peers = serde_json::Map::new();
+        let mut ready: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for v in self.instances.values() {
+            let Some(address) = v
+                .pointer("/status/address")
+                .and_then(Value::as_str)
+                .filter(|a| a.parse::<Ipv4Addr>().is_ok())
+            else {
+                continue;
+            };
+            let (ns, service) = (str_at(v, "/metadata/namespace"), str_at(v, "/spec/service"));
+            if let Ok(id) = SpiffeId::new(trust_domain, &ns, &service) {
+                peers.insert(address.to_string(), Value::String(id.to_string()));
+            }
+            if v.pointer("/status/ready").and_then(Value::as_bool) == Some(true) {
+                ready
+                    .entry(format!("{ns}/{service}"))
+                    .or_default()
+                    .push(address.to_string());
+            }
+        }
+        let mut services = serde_json::Map::new();
+        for (name, v) in &self.services {
+            if let Some(vip) = v.pointer("/status/virtualAddress").and_then(Value::as_str) {
+                let endpoints = ready.get(name).cloned().unwrap_or_default();
+                services.insert(
+                    vip.to_string(),
+                    json!({"name": name, "endpoints": endpoints}),
+                );
+            }
+        }
+        json!({"version": version, "peers": peers, "services": services}).to_string()
+    }
+}
+
+/// The instance's redirect rules, applied atomically with
+/// `iptables-restore` inside its namespace.
+async fn intercept(plan: &Plan) -> Result<(), String> {
+    let rules = interception_rules(plan.net.gateway);
+    let mut child = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &plan.net.netns, "iptables-restore"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("iptables-restore: {e} (install iptables)"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use tokio::io::AsyncWriteExt;
+        stdin
+            .write_all(rules.as_bytes())
+            .await
+            .map_err(|e| format!("iptables-restore: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("iptables-restore: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "iptables-restore in {}: {}",
+            plan.net.netns,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// NAT rules for one instance namespace: inbound TCP to the inbound port
+/// except from the node (`gateway`) and to the proxy's admin port; the
+/// app's outbound TCP to the outbound port except loopback and the
+/// proxy's own.
+pub fn interception_rules(gateway: Ipv4Addr) -> String {
+    format!(
+        "*nat\n\
+         :PREROUTING ACCEPT [0:0]\n\
+         :OUTPUT ACCEPT [0:0]\n\
+         -A PREROUTING -p tcp -s {gateway}/32 -j RETURN\n\
+         -A PREROUTING -p tcp --dport {ADMIN_PORT} -j RETURN\n\
+         -A PREROUTING -p tcp -j REDIRECT --to-ports {INBOUND_PORT}\n\
+         -A OUTPUT -p tcp -o lo -j RETURN\n\
+         -A OUTPUT -p tcp -m owner --uid-owner {PROXY_UID} -j RETURN\n\
+         -A OUTPUT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}\n\
+         COMMIT\n"
+    )
+}
+
+fn create_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Writes through a temporary file and a rename, so a reader sees the old
+/// contents or the new, never a part.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Option<u32>) -> Result<(), String> {
+    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(fail)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+    if let Some(uid) = owner {
+        nix::unistd::chown(
+            &tmp,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(uid)),
+        )
+        .map_err(|e| format!("{}: chown: {e}", path.display()))?;
+    }
+    std::fs::rename(&tmp, path).map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_node_and_the_proxy_itself_are_not_redirected() {
+        let rules = interception_rules(Ipv4Addr::new(198, 19, 16, 1));
+        let lines: Vec<&str> = rules.lines().collect();
+        let at = |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap();
+        // Exemptions come before the redirects they exempt from.
+        assert!(at("-s 198.19.16.1/32 -j RETURN") < at("--to-ports 15006"));
+        assert!(at("--dport 4191 -j RETURN") < at("--to-ports 15006"));
+        assert!(at("--uid-owner 1337 -j RETURN") < at("--to-ports 15001"));
+        assert!(at("-o lo -j RETURN") < at("--to-ports 15001"));
+        assert_eq!(lines.last(), Some(&"COMMIT"));
+    }
+}

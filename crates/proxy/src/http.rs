@@ -1,0 +1,614 @@
+//! HTTP forwarding: routing, weighted backend choice, retries under a
+//! budget, timeouts, hop-by-hop header handling, upgrades, L7 authorization.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::TokioIo;
+use skiff_identity::SpiffeId;
+
+use crate::balance::Outcome;
+use crate::config::{HttpRule, RetryPolicy, Route, RouteMatch};
+use crate::metrics::{EndpointLabels, LatencyLabels, Metrics, RequestLabels, ServiceLabels};
+use crate::upstream::{Body, BoxError, Service};
+
+/// Bodies up to this size are kept so the request can be sent again.
+const RETRYABLE_BODY: u64 = 64 * 1024;
+
+/// Where one listener's requests go.
+#[derive(Debug)]
+pub struct Forwarder {
+    pub direction: &'static str,
+    pub services: Vec<Arc<Service>>,
+    pub routes: Vec<Route>,
+    /// Where requests no route matches go.
+    pub default_route: Option<Route>,
+    pub request_timeout: Duration,
+    pub http_rules: Option<Vec<HttpRule>>,
+    /// Inbound: never retry (the caller's proxy does).
+    pub retries: bool,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What the connection knows about the caller.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub identity: Option<SpiffeId>,
+    pub tls: bool,
+}
+
+impl Peer {
+    pub(crate) fn label(&self) -> String {
+        self.identity
+            .as_ref()
+            .map_or_else(|| "none".to_string(), ToString::to_string)
+    }
+}
+
+impl Forwarder {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let (route_name, service, response) = self.dispatch(req, &peer).await;
+        let status = response.status().as_u16();
+        let m = &self.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                direction: self.direction,
+                route: route_name.clone(),
+                service: service.clone(),
+                backend: response
+                    .extensions()
+                    .get::<Backend>()
+                    .map_or_else(String::new, |b| b.0.to_string()),
+                peer: peer.label(),
+                tls: if peer.tls { "true" } else { "false" },
+                status,
+            })
+            .inc();
+        m.latency
+            .get_or_create(&LatencyLabels {
+                direction: self.direction,
+                route: route_name,
+                service,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(http.method = %method, http.status = status, "Request");
+        response
+    }
+
+    /// Returns the route name and service for metrics, and the response.
+    async fn dispatch(
+        &self,
+        mut req: Request<Incoming>,
+        peer: &Peer,
+    ) -> (String, String, Response<Body>) {
+        if let Some(rules) = &self.http_rules
+            && let Err(denial) = authorize(
+                rules,
+                req.method(),
+                req.uri().path(),
+                peer.identity.as_ref(),
+            )
+        {
+            return (
+                denial.clone(),
+                String::new(),
+                text(StatusCode::FORBIDDEN, &denial),
+            );
+        }
+        let Some(route) = pick_route(&self.routes, &req).or(self.default_route.as_ref()) else {
+            return (
+                String::new(),
+                String::new(),
+                text(StatusCode::NOT_FOUND, "no route matches this request"),
+            );
+        };
+        let (route_name, backends, retry, timeout) = (
+            route.name.clone(),
+            route.backends.as_slice(),
+            route.retry,
+            route.timeout,
+        );
+        let chosen = pick_weighted(
+            backends,
+            rand::random_range(0..total_weight(backends).max(1)),
+        );
+        let service = self.services[chosen].clone();
+        if service.endpoints.is_empty() {
+            let msg = format!("service {} has no ready endpoints", service.name);
+            return (
+                route_name,
+                service.name.clone(),
+                text(StatusCode::SERVICE_UNAVAILABLE, &msg),
+            );
+        }
+        let timeout = timeout.unwrap_or(self.request_timeout);
+        let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let retry = if self.retries {
+            retry
+        } else {
+            RetryPolicy {
+                attempts: 0,
+                non_idempotent: false,
+            }
+        };
+        let response = self
+            .forward(&service, req, retry, timeout, client_upgrade)
+            .await;
+        (route_name, service.name.clone(), response)
+    }
+
+    async fn forward(
+        &self,
+        service: &Service,
+        req: Request<Incoming>,
+        retry: RetryPolicy,
+        timeout: Duration,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let version = parts.version;
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers, client_upgrade.is_some());
+        if !headers.contains_key(header::HOST)
+            && let Some(a) = parts.uri.authority()
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            headers.insert(header::HOST, v);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        let idempotent = is_idempotent(&parts.method);
+        // Keep small bodies so the request can be sent again.
+        let mut streaming = Some(body);
+        let kept = match streaming.as_ref() {
+            Some(b) if fits(b, &headers) => {
+                let b = streaming.take().unwrap_or_else(|| unreachable!());
+                match Limited::new(b, RETRYABLE_BODY as usize).collect().await {
+                    Ok(c) => Some(c.to_bytes()),
+                    Err(e) => {
+                        return text(
+                            StatusCode::BAD_REQUEST,
+                            &format!("reading the request body: {e}"),
+                        );
+                    }
+                }
+            }
+            _ => None,
+        };
+        service.deposit();
+        let mut tried = Vec::new();
+        loop {
+            let Some(i) = service.pick(&tried) else {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("service {} has no endpoints", service.name),
+                );
+            };
+            tried.push(i);
+            let endpoint = &service.endpoints[i];
+            let body: Body = match (&kept, streaming.take()) {
+                (Some(bytes), _) => Full::new(bytes.clone()).map_err(|e| match e {}).boxed(),
+                (None, Some(b)) => b.map_err(|e| Box::new(e) as BoxError).boxed(),
+                (None, None) => {
+                    unreachable!("a streamed body is sent once: no retry without a kept body")
+                }
+            };
+            let mut builder = Request::builder()
+                .method(parts.method.clone())
+                .uri(format!("http://{}{}", endpoint.addr, path));
+            let h2 = version == Version::HTTP_2;
+            builder = builder.version(if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            });
+            let mut out = match builder.body(body) {
+                Ok(r) => r,
+                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+            };
+            *out.headers_mut() = headers.clone();
+            let client = if h2 { &endpoint.http2 } else { &endpoint.http1 };
+            let sent = Instant::now();
+            let result = tokio::time::timeout(timeout, client.request(out)).await;
+            let rtt = sent.elapsed();
+            // Whether sending again is safe: the request never reached the
+            // endpoint, or it is idempotent (or the route opted in).
+            let (outcome, resend_safe, response) = match result {
+                Ok(Ok(mut resp)) => {
+                    let failed = resp.status().is_server_error();
+                    let retryable = matches!(
+                        resp.status(),
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    );
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        if let Some(client_side) = client_upgrade {
+                            splice_upgrade(client_side, hyper::upgrade::on(&mut resp));
+                        }
+                        service.finish(i, rtt, Outcome::Success);
+                        let mut resp = resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+                        resp.extensions_mut().insert(Backend(endpoint.addr));
+                        return resp;
+                    }
+                    strip_hop_by_hop(resp.headers_mut(), false);
+                    let mut resp = resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
+                    resp.extensions_mut().insert(Backend(endpoint.addr));
+                    let outcome = if failed {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    };
+                    (
+                        outcome,
+                        retryable && (idempotent || retry.non_idempotent),
+                        resp,
+                    )
+                }
+                Ok(Err(e)) => {
+                    let never_sent = e.is_connect();
+                    let msg = format!(
+                        "upstream {} ({}): {}",
+                        endpoint.addr,
+                        service.name,
+                        error_chain(&e)
+                    );
+                    tracing::debug!(error = %msg, "Upstream failed");
+                    (
+                        Outcome::Failure,
+                        never_sent || idempotent || retry.non_idempotent,
+                        text(StatusCode::BAD_GATEWAY, &msg),
+                    )
+                }
+                Err(_) => {
+                    let msg = format!(
+                        "upstream {} ({}): no response in {timeout:?}",
+                        endpoint.addr, service.name
+                    );
+                    (
+                        Outcome::Failure,
+                        idempotent || retry.non_idempotent,
+                        text(StatusCode::GATEWAY_TIMEOUT, &msg),
+                    )
+                }
+            };
+            if service.finish(i, rtt, outcome) {
+                self.metrics
+                    .ejections
+                    .get_or_create(&EndpointLabels {
+                        service: service.name.clone(),
+                        endpoint: endpoint.addr.to_string(),
+                    })
+                    .inc();
+                tracing::info!(service.name = %service.name, endpoint = %endpoint.addr, "Endpoint ejected after consecutive failures");
+            }
+            let attempts_left = (tried.len() as u32) <= retry.attempts;
+            let can_resend = kept.is_some() && resend_safe && attempts_left;
+            if outcome == Outcome::Success || !can_resend {
+                return response;
+            }
+            let labels = ServiceLabels {
+                service: service.name.clone(),
+            };
+            if !service.try_retry() {
+                self.metrics.retries_refused.get_or_create(&labels).inc();
+                return response;
+            }
+            self.metrics.retries.get_or_create(&labels).inc();
+        }
+    }
+}
+
+/// Which endpoint answered, for metrics.
+#[derive(Debug, Clone, Copy)]
+struct Backend(std::net::SocketAddr);
+
+/// The first route with a match that fits the request (Gateway API order:
+/// rules in the order given).
+pub fn pick_route<'a, B>(routes: &'a [Route], req: &Request<B>) -> Option<&'a Route> {
+    routes
+        .iter()
+        .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| fits_match(m, req)))
+}
+
+fn fits_match<B>(m: &RouteMatch, req: &Request<B>) -> bool {
+    let path = req.uri().path();
+    if let Some(p) = &m.path_exact
+        && path != p
+    {
+        return false;
+    }
+    if let Some(prefix) = &m.path_prefix {
+        // Gateway API: a prefix matches whole path segments.
+        let trimmed = prefix.trim_end_matches('/');
+        let ok = path == trimmed
+            || trimmed.is_empty()
+            || path
+                .strip_prefix(trimmed)
+                .is_some_and(|rest| rest.starts_with('/'));
+        if !ok {
+            return false;
+        }
+    }
+    if let Some(method) = &m.method
+        && req.method().as_str() != method
+    {
+        return false;
+    }
+    m.headers.iter().all(|(k, v)| {
+        req.headers()
+            .get(k.as_str())
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|h| h == v)
+    })
+}
+
+pub fn total_weight(backends: &[(usize, u32)]) -> u32 {
+    backends.iter().map(|(_, w)| *w).sum()
+}
+
+/// The backend `draw` (in `0..total_weight`) falls on: weights are proportions.
+pub fn pick_weighted(backends: &[(usize, u32)], draw: u32) -> usize {
+    let mut left = draw;
+    for (service, weight) in backends {
+        if left < *weight {
+            return *service;
+        }
+        left -= weight;
+    }
+    backends.last().map_or(0, |(s, _)| *s)
+}
+
+/// L7 authorization: allowed when some rule admits the method, the path
+/// and the peer. The error names what was refused, for the 403 body.
+pub fn authorize(
+    rules: &[HttpRule],
+    method: &Method,
+    path: &str,
+    peer: Option<&SpiffeId>,
+) -> Result<(), String> {
+    let admits = |r: &HttpRule| {
+        (r.methods.is_empty() || r.methods.iter().any(|m| m == method.as_str()))
+            && (r.path_prefixes.is_empty()
+                || r.path_prefixes.iter().any(|p| path.starts_with(p.as_str())))
+            && (r.identities.is_empty()
+                || peer.is_some_and(|id| r.identities.iter().any(|p| p.matches(id))))
+    };
+    if rules.iter().any(admits) {
+        return Ok(());
+    }
+    let who = peer.map_or_else(
+        || "an unauthenticated peer".to_string(),
+        ToString::to_string,
+    );
+    let policies: Vec<&str> = rules.iter().map(|r| r.policy.as_str()).collect();
+    Err(format!(
+        "denied by policy: {method} {path} from {who} matches no rule of {}",
+        policies.join(", ")
+    ))
+}
+
+/// Methods RFC 9110 calls idempotent: sending them twice does no harm.
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether a body is small and known-length enough to keep for a retry.
+fn fits(body: &Incoming, headers: &HeaderMap) -> bool {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return true;
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    declared
+        .or(body.size_hint().exact())
+        .is_some_and(|n| n <= RETRYABLE_BODY)
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Removes headers that describe one connection, not the message (RFC 9110
+/// section 7.6.1), including those the Connection header names. An upgrade
+/// keeps `Upgrade` and `Connection: upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(header::TE);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Once both sides switched protocols, copies bytes between them.
+fn splice_upgrade(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, server) {
+            Ok((c, s)) => {
+                let (mut c, mut s) = (TokioIo::new(c), TokioIo::new(s));
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "Upgrade failed"),
+        }
+    });
+}
+
+pub fn text(status: StatusCode, message: &str) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(format!("{message}\n")))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut().insert(
+        HeaderName::from_static("x-skiff-proxy-error"),
+        HeaderValue::from_static("1"),
+    );
+    resp
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IdentityPattern;
+
+    fn route(name: &str, m: RouteMatch) -> Route {
+        Route {
+            name: name.into(),
+            matches: vec![m],
+            backends: vec![(0, 1)],
+            retry: RetryPolicy::default(),
+            timeout: None,
+        }
+    }
+
+    #[test]
+    fn routes_match_by_path_segment_method_and_header_in_order() {
+        let routes = vec![
+            route(
+                "canary",
+                RouteMatch {
+                    headers: vec![("x-canary".into(), "1".into())],
+                    ..Default::default()
+                },
+            ),
+            route(
+                "v2",
+                RouteMatch {
+                    path_prefix: Some("/v2".into()),
+                    method: Some("GET".into()),
+                    ..Default::default()
+                },
+            ),
+        ];
+        let req = |method: &str, path: &str, canary: bool| {
+            let mut b = Request::builder().method(method).uri(path);
+            if canary {
+                b = b.header("x-canary", "1");
+            }
+            b.body(()).unwrap()
+        };
+        let name = |r: Request<()>| pick_route(&routes, &r).map(|r| r.name.clone());
+        assert_eq!(name(req("GET", "/v2/items", true)), Some("canary".into()));
+        assert_eq!(name(req("GET", "/v2/items", false)), Some("v2".into()));
+        assert_eq!(name(req("GET", "/v2", false)), Some("v2".into()));
+        assert_eq!(name(req("GET", "/v20", false)), None);
+        assert_eq!(name(req("POST", "/v2", false)), None);
+    }
+
+    #[test]
+    fn weights_are_proportions() {
+        let backends = [(7, 10), (8, 0), (9, 30)];
+        let total = total_weight(&backends);
+        let mut counts = std::collections::HashMap::new();
+        for draw in 0..total {
+            *counts.entry(pick_weighted(&backends, draw)).or_insert(0) += 1;
+        }
+        assert_eq!(counts.get(&7), Some(&10));
+        assert_eq!(counts.get(&8), None);
+        assert_eq!(counts.get(&9), Some(&30));
+    }
+
+    #[test]
+    fn authorization_needs_a_rule_admitting_method_path_and_peer() {
+        let web: SpiffeId = "spiffe://td/ns/shop/sa/web".parse().unwrap();
+        let rules = vec![HttpRule {
+            policy: "shop/read-only".into(),
+            methods: vec!["GET".into()],
+            path_prefixes: vec!["/items".into()],
+            identities: vec![IdentityPattern::Exact(web.clone())],
+        }];
+        assert!(authorize(&rules, &Method::GET, "/items/1", Some(&web)).is_ok());
+        let denied = authorize(&rules, &Method::POST, "/items/1", Some(&web)).unwrap_err();
+        assert!(denied.contains("shop/read-only"), "{denied}");
+        assert!(authorize(&rules, &Method::GET, "/admin", Some(&web)).is_err());
+        assert!(authorize(&rules, &Method::GET, "/items", None).is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_do_not_cross() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn only_idempotent_methods_are_resent_by_default() {
+        assert!(is_idempotent(&Method::GET) && is_idempotent(&Method::PUT));
+        assert!(!is_idempotent(&Method::POST) && !is_idempotent(&Method::PATCH));
+    }
+}

@@ -1,0 +1,139 @@
+//! The proxy's Prometheus metrics, under `skiff_proxy_`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<LatencyLabels, Histogram>,
+    pub connections: Family<ConnectionLabels, Counter>,
+    pub retries: Family<ServiceLabels, Counter>,
+    pub retries_refused: Family<ServiceLabels, Counter>,
+    pub ejections: Family<EndpointLabels, Counter>,
+    pub cert_expiry: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The route (outbound) or the policy that decided (inbound).
+    pub route: String,
+    pub service: String,
+    pub backend: String,
+    /// The mTLS-verified peer identity, or `none`.
+    pub peer: String,
+    pub tls: &'static str,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub direction: &'static str,
+    pub route: String,
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub direction: &'static str,
+    /// `http1`, `http2`, `opaque`, or `refused`.
+    pub protocol: &'static str,
+    pub tls: &'static str,
+    pub peer: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    pub endpoint: String,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("skiff_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "HTTP requests answered, by route, backend, peer and status",
+            requests.clone(),
+        );
+        let latency = Family::<LatencyLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ])
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time from request received to response headers sent",
+            latency.clone(),
+        );
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "Connections accepted, by detected protocol, TLS and peer identity",
+            connections.clone(),
+        );
+        let retries = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Requests sent again after a failure",
+            retries.clone(),
+        );
+        let retries_refused = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "retries_budget_exhausted",
+            "Retries not made because the retry budget was spent",
+            retries_refused.clone(),
+        );
+        let ejections = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "endpoint_ejections",
+            "Endpoints taken out of balancing after consecutive failures",
+            ejections.clone(),
+        );
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "identity_cert_expiry_timestamp_seconds",
+            "When this proxy's certificate expires (0: no identity)",
+            cert_expiry.clone(),
+        );
+        Metrics {
+            registry: root,
+            requests,
+            latency,
+            connections,
+            retries,
+            retries_refused,
+            ejections,
+            cert_expiry,
+        }
+    }
+
+    /// The Prometheus text format (what `promtool check metrics` accepts).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        skiff_api::prometheus::to_text_format(&out)
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

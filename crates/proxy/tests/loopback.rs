@@ -1,0 +1,657 @@
+//! The proxy end to end on loopback: real sockets, real TLS, backends and
+//! proxies in this process. Each test picks its own ports.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] functions: a failed unwrap is the test failing"
+)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::AbortHandle;
+
+/// A backend that answers its name, counts requests, and can be killed
+/// (listener and every open connection) at once.
+struct Backend {
+    addr: SocketAddr,
+    posts: Arc<AtomicUsize>,
+    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Backend {
+    /// `fail_posts`: answer every POST with 503 (as an overloaded app would).
+    async fn start(name: &'static str, fail_posts: bool) -> Backend {
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let posts = Arc::new(AtomicUsize::new(0));
+        let tasks = Arc::new(Mutex::new(Vec::new()));
+        let (p, t) = (posts.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = socket.accept().await else {
+                    return;
+                };
+                let posts = p.clone();
+                let conn = tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let posts = posts.clone();
+                            async move {
+                                let post = req.method() == hyper::Method::POST;
+                                let _ = req.into_body().collect().await;
+                                let mut resp = Response::new(Full::new(Bytes::from(name)));
+                                if post {
+                                    posts.fetch_add(1, Ordering::SeqCst);
+                                    if fail_posts {
+                                        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                                    }
+                                }
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+                t.lock().unwrap().push(conn.abort_handle());
+            }
+        });
+        tasks.lock().unwrap().push(accept.abort_handle());
+        Backend { addr, posts, tasks }
+    }
+
+    fn kill(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+struct Proxy {
+    admin: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Proxy {
+    async fn start(yaml: &str) -> Proxy {
+        let admin = free_port();
+        let config = skiff_proxy::config::Config::parse(&format!("admin: {admin}\n{yaml}"))
+            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let done = tokio::spawn(skiff_proxy::run(config, async move {
+            let _ = rx.await;
+        }));
+        let proxy = Proxy {
+            admin,
+            stop: Some(tx),
+            done,
+        };
+        let client = client();
+        for _ in 0..200 {
+            if let Ok(r) = client
+                .get(format!("http://{admin}/ready").parse().unwrap())
+                .await
+                && r.status() == StatusCode::OK
+            {
+                return proxy;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("proxy not ready");
+    }
+
+    async fn metrics(&self) -> String {
+        let r = client()
+            .get(format!("http://{}/metrics", self.admin).parse().unwrap())
+            .await
+            .unwrap();
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.done.await.unwrap().unwrap();
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn call(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: &str,
+    url: &str,
+) -> Result<(StatusCode, String), String> {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn endpoints(backends: &[&Backend]) -> String {
+    backends
+        .iter()
+        .map(|b| format!("{{addr: {}}}", b.addr))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_http2_cross_one_proxy_to_every_backend() {
+    let a = Backend::start("a", false).await;
+    let b = Backend::start("b", false).await;
+    let listen = free_port();
+    let proxy = Proxy::start(&format!(
+        "outbound: [{{listen: {listen}, service: web}}]\nservices: {{web: {{endpoints: [{}]}}}}\n",
+        endpoints(&[&a, &b])
+    ))
+    .await;
+    let h1 = client();
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let c = if i % 2 == 0 { &h1 } else { &h2 };
+        let (status, body) = call(c, "GET", &format!("http://{listen}/")).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        seen.insert(body);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec!["a", "b"]);
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains("skiff_proxy_requests_total{direction=\"outbound\""),
+        "{metrics}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_never_retried_unless_its_route_opts_in() {
+    let failing = Backend::start("failing", true).await;
+    let listen = free_port();
+    let proxy = Proxy::start(&format!(
+        "outbound: [{{listen: {listen}, service: web}}]\nservices: {{web: {{endpoints: [{}]}}}}\n",
+        endpoints(&[&failing])
+    ))
+    .await;
+    let c = client();
+    let (status, _) = call(&c, "POST", &format!("http://{listen}/order"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        failing.posts.load(Ordering::SeqCst),
+        1,
+        "the POST reached the app more than once"
+    );
+    proxy.stop().await;
+
+    // A route that opts in retries POSTs.
+    let listen = free_port();
+    let proxy = Proxy::start(&format!(
+        "outbound: [{{listen: {listen}, routes: [{{name: orders, backends: [{{service: web}}], retry: {{attempts: 2, nonIdempotent: true}}}}]}}]\nservices: {{web: {{endpoints: [{}]}}}}\n",
+        endpoints(&[&failing])
+    ))
+    .await;
+    failing.posts.store(0, Ordering::SeqCst);
+    let (status, _) = call(&c, "POST", &format!("http://{listen}/order"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(failing.posts.load(Ordering::SeqCst), 3);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_of_three_backends_under_load_fails_no_get() {
+    let backends = [
+        Backend::start("a", false).await,
+        Backend::start("b", false).await,
+        Backend::start("c", false).await,
+    ];
+    let listen = free_port();
+    let proxy = Proxy::start(&format!(
+        "outbound: [{{listen: {listen}, service: web}}]\nservices: {{web: {{endpoints: [{}]}}}}\n",
+        endpoints(&backends.iter().collect::<Vec<_>>())
+    ))
+    .await;
+    let load = Load::start(8, listen, false);
+    load.wait_ok(500).await;
+    backends[1].kill();
+    let at_kill = load.ok();
+    load.wait_ok(at_kill + 2000).await;
+    assert_eq!(load.finish().await, Vec::<String>::new());
+    let metrics = proxy.metrics().await;
+    let retries = metric_sum(&metrics, "skiff_proxy_retries_total");
+    assert!(
+        retries >= 1.0,
+        "the kill was survived without any retry?\n{metrics}"
+    );
+    proxy.stop().await;
+}
+
+/// Two proxies with identities from one CA: client side (outbound) and
+/// server side (inbound, in front of the backend).
+struct Mesh {
+    _dir: tempfile::TempDir,
+    ca: skiff_identity::Ca,
+    client_files: (std::path::PathBuf, std::path::PathBuf),
+    server_files: (std::path::PathBuf, std::path::PathBuf),
+    ca_file: std::path::PathBuf,
+}
+
+impl Mesh {
+    fn new() -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let ca = skiff_identity::Ca::generate("test", now, Duration::from_secs(86_400)).unwrap();
+        let ca_file = dir.path().join("ca.crt");
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        let files = |n: &str| {
+            (
+                dir.path().join(format!("{n}.crt")),
+                dir.path().join(format!("{n}.key")),
+            )
+        };
+        let mesh = Mesh {
+            client_files: files("client"),
+            server_files: files("server"),
+            ca_file,
+            ca,
+            _dir: dir,
+        };
+        mesh.issue("web", Duration::from_secs(3600));
+        mesh.issue("db", Duration::from_secs(3600));
+        mesh
+    }
+
+    /// Writes a fresh certificate for `web` (client) or `db` (server).
+    fn issue(&self, sa: &str, validity: Duration) {
+        let id = skiff_identity::SpiffeId::new("td", "shop", sa).unwrap();
+        let (key, csr) = skiff_identity::workload_csr(&id).unwrap();
+        let cert = self
+            .ca
+            .sign_workload(&csr, &id, time::OffsetDateTime::now_utc(), validity)
+            .unwrap();
+        let (c, k) = if sa == "web" {
+            &self.client_files
+        } else {
+            &self.server_files
+        };
+        // Key first, then certificate: a reader between the two writes sees
+        // a mismatched pair, refuses it and keeps the old one.
+        std::fs::write(k, key).unwrap();
+        std::fs::write(c, cert).unwrap();
+    }
+
+    /// A client-side proxy on `outbound` calling the server proxy on
+    /// `inbound`, which must prove `…/sa/db`.
+    fn client_config(&self, outbound: SocketAddr, inbound: SocketAddr) -> String {
+        format!(
+            "{}outbound: [{{listen: {outbound}, service: db}}]\nservices: {{db: {{endpoints: [{{addr: {inbound}, identity: spiffe://td/ns/shop/sa/db}}]}}}}\n",
+            self.identity(&self.client_files)
+        )
+    }
+
+    fn identity(&self, files: &(std::path::PathBuf, std::path::PathBuf)) -> String {
+        format!(
+            "identity: {{caFile: {}, certFile: {}, keyFile: {}}}\n",
+            self.ca_file.display(),
+            files.0.display(),
+            files.1.display()
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mtls_pair_carries_identity_and_refuses_plaintext() {
+    let backend = Backend::start("db", false).await;
+    let mesh = Mesh::new();
+    let inbound = free_port();
+    let server = Proxy::start(&format!(
+        "{}inbound: [{{listen: {inbound}, app: {}, allowedIdentities: [spiffe://td/ns/shop/sa/web], http: [{{policy: shop/read-only, methods: [GET]}}]}}]\n",
+        mesh.identity(&mesh.server_files),
+        backend.addr
+    ))
+    .await;
+    let outbound = free_port();
+    let client_proxy = Proxy::start(&mesh.client_config(outbound, inbound)).await;
+    let c = client();
+    assert_eq!(
+        call(&c, "GET", &format!("http://{outbound}/"))
+            .await
+            .unwrap(),
+        (StatusCode::OK, "db".into())
+    );
+    // L7 policy: the inbound side refuses POST from this identity.
+    let (status, body) = call(&c, "POST", &format!("http://{outbound}/"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body.contains("shop/read-only"), "{body}");
+    // Plaintext straight to the meshed port: refused, with a reason.
+    let (status, body) = call(&c, "GET", &format!("http://{inbound}/"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body.contains("only mTLS"), "{body}");
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("peer=\"spiffe://td/ns/shop/sa/web\",tls=\"true\",status=\"200\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("skiff_proxy_identity_cert_expiry_timestamp_seconds"),
+        "{metrics}"
+    );
+
+    // A client whose certificate comes from another CA gets nothing.
+    let other = Mesh::new();
+    let outbound2 = free_port();
+    let impostor = Proxy::start(&other.client_config(outbound2, inbound)).await;
+    let (status, body) = call(&c, "GET", &format!("http://{outbound2}/"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    impostor.stop().await;
+    client_proxy.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_with_no_failed_request() {
+    let backend = Backend::start("db", false).await;
+    let mesh = Mesh::new();
+    mesh.issue("web", Duration::from_secs(120));
+    mesh.issue("db", Duration::from_secs(120));
+    let inbound = free_port();
+    let server = Proxy::start(&format!(
+        "{}inbound: [{{listen: {inbound}, app: {}}}]\n",
+        mesh.identity(&mesh.server_files),
+        backend.addr
+    ))
+    .await;
+    let outbound = free_port();
+    let client_proxy = Proxy::start(&mesh.client_config(outbound, inbound)).await;
+    let expiry = |m: &str| metric_sum(m, "skiff_proxy_identity_cert_expiry_timestamp_seconds");
+    let before = (
+        expiry(&client_proxy.metrics().await),
+        expiry(&server.metrics().await),
+    );
+
+    // Half the callers open a new connection per request, so new
+    // connections keep arriving throughout the rotation.
+    let load = Load::start(4, outbound, true);
+    load.wait_ok(200).await;
+    mesh.issue("web", Duration::from_secs(7200));
+    mesh.issue("db", Duration::from_secs(7200));
+    let mut rotated = false;
+    for _ in 0..100 {
+        let now = (
+            expiry(&client_proxy.metrics().await),
+            expiry(&server.metrics().await),
+        );
+        if now.0 > before.0 + 3000.0 && now.1 > before.1 + 3000.0 {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        rotated,
+        "the proxies did not pick up the renewed certificates"
+    );
+    let at_rotation = load.ok();
+    load.wait_ok(at_rotation + 300).await;
+    assert_eq!(load.finish().await, Vec::<String>::new());
+    client_proxy.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_with_no_endpoints_answers_503_and_weights_split() {
+    let a = Backend::start("a", false).await;
+    let b = Backend::start("b", false).await;
+    let listen = free_port();
+    let proxy = Proxy::start(&format!(
+        "outbound: [{{listen: {listen}, routes: [
+  {{name: empty, matches: [{{pathPrefix: /empty}}], backends: [{{service: none}}]}},
+  {{name: split, backends: [{{service: a, weight: 1}}, {{service: b, weight: 3}}]}}]}}]
+services: {{none: {{endpoints: []}}, a: {{endpoints: [{}]}}, b: {{endpoints: [{}]}}}}\n",
+        endpoints(&[&a]),
+        endpoints(&[&b])
+    ))
+    .await;
+    let c = client();
+    let (status, body) = call(&c, "GET", &format!("http://{listen}/empty/x"))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body.contains("service none has no ready endpoints"),
+        "{body}"
+    );
+    let mut to_b = 0;
+    for _ in 0..400 {
+        if call(&c, "GET", &format!("http://{listen}/"))
+            .await
+            .unwrap()
+            .1
+            == "b"
+        {
+            to_b += 1;
+        }
+    }
+    // 3/4 expected; 400 draws put this outside 240..360 with odds below 1e-6.
+    assert!((240..=360).contains(&to_b), "{to_b} of 400 went to b");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_and_websocket_upgrades_pass_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An echo server that first answers an HTTP upgrade, or echoes raw bytes.
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if buf[..n].starts_with(b"GET /ws") {
+                    let _ = s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n").await;
+                } else {
+                    let _ = s.write_all(&buf[..n]).await;
+                }
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let listen = free_port();
+    let proxy = Proxy::start(&format!(
+        "outbound: [{{listen: {listen}, service: echo}}]\nservices: {{echo: {{endpoints: [{{addr: {echo_addr}}}]}}}}\n"
+    ))
+    .await;
+    // Opaque: a binary protocol's bytes come back unchanged.
+    let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+    s.write_all(b"\x00\x01binary\xff").await.unwrap();
+    let mut got = [0u8; 9];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"\x00\x01binary\xff");
+    // WebSocket: after 101 the connection carries frames both ways.
+    let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s.write_all(b"frame").await.unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"frame");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_finishes_requests_in_flight_and_closes_keepalive() {
+    // A slow backend: answers after 300 ms.
+    let slow = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_addr = slow.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = slow.accept().await {
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"done"),
+                        )))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    let listen = free_port();
+    let proxy = Proxy::start(&format!(
+        "outbound: [{{listen: {listen}, service: slow}}]\nservices: {{slow: {{endpoints: [{{addr: {slow_addr}}}]}}}}\ndrainSeconds: 5\n"
+    ))
+    .await;
+    let c = client();
+    let in_flight = tokio::spawn({
+        let c = c.clone();
+        async move { call(&c, "GET", &format!("http://{listen}/")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = tokio::spawn(proxy.stop());
+    let result = in_flight.await.unwrap().unwrap();
+    assert_eq!(result, (StatusCode::OK, "done".into()));
+    stopping.await.unwrap();
+}
+
+/// Callers sending GETs in a loop until finished; any answer but 200 is a
+/// failure.
+struct Load {
+    ok: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    callers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `fresh_connections`: every other caller opens a connection per request.
+    fn start(callers: usize, to: SocketAddr, fresh_connections: bool) -> Load {
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let callers = (0..callers)
+            .map(|k| {
+                let (ok, failures, stop) = (ok.clone(), failures.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let c = if fresh_connections && k % 2 == 1 {
+                        Client::builder(TokioExecutor::new())
+                            .pool_max_idle_per_host(0)
+                            .build_http()
+                    } else {
+                        client()
+                    };
+                    while !stop.load(Ordering::SeqCst) {
+                        match call(&c, "GET", &format!("http://{to}/")).await {
+                            Ok((StatusCode::OK, _)) => {
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                            other => failures.lock().unwrap().push(format!("{other:?}")),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            ok,
+            failures,
+            stop,
+            callers,
+        }
+    }
+
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    async fn wait_ok(&self, n: usize) {
+        wait_for(|| self.ok() >= n).await;
+    }
+
+    /// Stops the callers; returns the failures they saw.
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        for c in self.callers {
+            c.await.unwrap();
+        }
+        self.failures.lock().unwrap().clone()
+    }
+}
+
+async fn wait_for(mut done: impl FnMut() -> bool) {
+    for _ in 0..3000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not met in 30 s");
+}
+
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
