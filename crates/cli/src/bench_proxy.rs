@@ -30,6 +30,10 @@ pub struct ProxyArgs {
     /// Open-loop rates (requests/s).
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub rates: Vec<u32>,
+    /// Measure only these paths besides direct (comma-separated):
+    /// skiff, skiff_mtls_pair, haproxy, nginx. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// Print JSON (the only format; accepted for symmetry).
     #[arg(long)]
     pub json: bool,
@@ -93,7 +97,19 @@ pub fn run(args: &ProxyArgs) -> anyhow::Result<u8> {
         )?;
         let base = direct.clone();
         paths.insert("direct".into(), direct);
-        for start in [skiff_one, skiff_pair, haproxy, nginx] {
+        let all: [(&str, Start); 4] = [
+            ("skiff", skiff_one),
+            ("skiff_mtls_pair", skiff_pair),
+            ("haproxy", haproxy),
+            ("nginx", nginx),
+        ];
+        if let Some(unknown) = args.only.iter().find(|o| !all.iter().any(|(n, _)| n == o)) {
+            anyhow::bail!("--only {unknown}: expected skiff, skiff_mtls_pair, haproxy or nginx");
+        }
+        for (name, start) in all {
+            if !args.only.is_empty() && !args.only.iter().any(|o| o == name) {
+                continue;
+            }
             let path = start(&exe, dir.path(), backend_addr)?;
             let name = path.name;
             let mut figures = measure(args, path).map_err(|e| {
@@ -288,6 +304,9 @@ async fn get(sender: &mut Sender, addr: SocketAddr) -> anyhow::Result<()> {
     resp.into_body().collect().await?;
     Ok(())
 }
+
+/// Starts one path in front of the backend.
+type Start = fn(&Path, &Path, SocketAddr) -> anyhow::Result<Target>;
 
 fn skiff_one(exe: &Path, dir: &Path, backend: SocketAddr) -> anyhow::Result<Target> {
     let listen = free_port()?;

@@ -119,6 +119,8 @@ pub struct Outbound {
 #[derive(Debug, Clone)]
 pub struct Route {
     pub name: String,
+    /// `name`, for metrics.
+    pub label: crate::metrics::Label,
     pub matches: Vec<RouteMatch>,
     pub backends: Vec<(usize, u32)>,
     pub retry: RetryPolicy,
@@ -128,8 +130,10 @@ pub struct Route {
 impl Route {
     /// Everything to one service: a listener's default.
     pub fn to_service(service: &str, index: usize) -> Route {
+        let name = format!("default:{service}");
         Route {
-            name: format!("default:{service}"),
+            label: crate::metrics::Label::new(&name),
+            name,
             matches: Vec::new(),
             backends: vec![(index, 1)],
             retry: RetryPolicy::default(),
@@ -474,6 +478,7 @@ impl RawConfig {
                     .unwrap_or_default();
                 routes.push(Route {
                     name: r.name.clone(),
+                    label: crate::metrics::Label::new(&r.name),
                     matches,
                     backends,
                     retry,

@@ -14,7 +14,7 @@ use skiff_identity::SpiffeId;
 
 use crate::balance::Outcome;
 use crate::config::{HttpRule, RetryPolicy, Route, RouteMatch};
-use crate::metrics::{EndpointLabels, LatencyLabels, Metrics, RequestLabels, ServiceLabels};
+use crate::metrics::{EndpointLabels, Label, LatencyLabels, Metrics, RequestLabels, ServiceLabels};
 use crate::upstream::{Body, BoxError, Service};
 
 /// Bodies up to this size are kept so the request can be sent again.
@@ -24,6 +24,11 @@ const RETRYABLE_BODY: u64 = 64 * 1024;
 #[derive(Debug)]
 pub struct Forwarder {
     pub direction: &'static str,
+    /// Bytes only, no protocol detection: a destination outside the mesh
+    /// reached through a transparent listener, handled as without the
+    /// proxy (no detection delay for protocols where the server speaks
+    /// first).
+    pub passthrough: bool,
     pub services: Vec<Arc<Service>>,
     pub routes: Vec<Route>,
     /// Where requests no route matches go.
@@ -40,13 +45,22 @@ pub struct Forwarder {
 pub struct Peer {
     pub identity: Option<SpiffeId>,
     pub tls: bool,
+    /// The identity, or `none`, for metrics.
+    pub label: Label,
 }
 
 impl Peer {
-    pub(crate) fn label(&self) -> String {
-        self.identity
-            .as_ref()
-            .map_or_else(|| "none".to_string(), ToString::to_string)
+    pub fn new(identity: Option<SpiffeId>, tls: bool) -> Peer {
+        let label = Label::new(
+            &identity
+                .as_ref()
+                .map_or_else(|| "none".to_string(), ToString::to_string),
+        );
+        Peer {
+            identity,
+            tls,
+            label,
+        }
     }
 }
 
@@ -65,8 +79,9 @@ impl Forwarder {
                 backend: response
                     .extensions()
                     .get::<Backend>()
-                    .map_or_else(String::new, |b| b.0.to_string()),
-                peer: peer.label(),
+                    .map(|b| b.0.clone())
+                    .unwrap_or_default(),
+                peer: peer.label.clone(),
                 tls: if peer.tls { "true" } else { "false" },
                 status,
             })
@@ -87,7 +102,7 @@ impl Forwarder {
         &self,
         mut req: Request<Incoming>,
         peer: &Peer,
-    ) -> (String, String, Response<Body>) {
+    ) -> (Label, Label, Response<Body>) {
         if let Some(rules) = &self.http_rules
             && let Err(denial) = authorize(
                 rules,
@@ -96,21 +111,23 @@ impl Forwarder {
                 peer.identity.as_ref(),
             )
         {
+            // One label for every denial: the message names the path and
+            // peer, which must not become label values.
             return (
-                denial.clone(),
-                String::new(),
+                Label::new("denied"),
+                Label::default(),
                 text(StatusCode::FORBIDDEN, &denial),
             );
         }
         let Some(route) = pick_route(&self.routes, &req).or(self.default_route.as_ref()) else {
             return (
-                String::new(),
-                String::new(),
+                Label::default(),
+                Label::default(),
                 text(StatusCode::NOT_FOUND, "no route matches this request"),
             );
         };
         let (route_name, backends, retry, timeout) = (
-            route.name.clone(),
+            route.label.clone(),
             route.backends.as_slice(),
             route.retry,
             route.timeout,
@@ -124,7 +141,7 @@ impl Forwarder {
             let msg = format!("service {} has no ready endpoints", service.name);
             return (
                 route_name,
-                service.name.clone(),
+                service.label.clone(),
                 text(StatusCode::SERVICE_UNAVAILABLE, &msg),
             );
         }
@@ -141,7 +158,7 @@ impl Forwarder {
         let response = self
             .forward(&service, req, retry, timeout, client_upgrade)
             .await;
-        (route_name, service.name.clone(), response)
+        (route_name, service.label.clone(), response)
     }
 
     async fn forward(
@@ -165,7 +182,8 @@ impl Forwarder {
         let path = parts
             .uri
             .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
         let idempotent = is_idempotent(&parts.method);
         // Keep small bodies so the request can be sent again.
         let mut streaming = Some(body);
@@ -202,9 +220,14 @@ impl Forwarder {
                     unreachable!("a streamed body is sent once: no retry without a kept body")
                 }
             };
-            let mut builder = Request::builder()
-                .method(parts.method.clone())
-                .uri(format!("http://{}{}", endpoint.addr, path));
+            let mut builder = Request::builder().method(parts.method.clone()).uri(
+                hyper::Uri::builder()
+                    .scheme(hyper::http::uri::Scheme::HTTP)
+                    .authority(endpoint.authority.clone())
+                    .path_and_query(path.clone())
+                    .build()
+                    .unwrap_or_default(),
+            );
             let h2 = version == Version::HTTP_2;
             builder = builder.version(if h2 {
                 Version::HTTP_2
@@ -237,12 +260,14 @@ impl Forwarder {
                         }
                         service.finish(i, rtt, Outcome::Success);
                         let mut resp = resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
-                        resp.extensions_mut().insert(Backend(endpoint.addr));
+                        resp.extensions_mut()
+                            .insert(Backend(endpoint.label.clone()));
                         return resp;
                     }
                     strip_hop_by_hop(resp.headers_mut(), false);
                     let mut resp = resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
-                    resp.extensions_mut().insert(Backend(endpoint.addr));
+                    resp.extensions_mut()
+                        .insert(Backend(endpoint.label.clone()));
                     let outcome = if failed {
                         Outcome::Failure
                     } else {
@@ -309,8 +334,8 @@ impl Forwarder {
 }
 
 /// Which endpoint answered, for metrics.
-#[derive(Debug, Clone, Copy)]
-struct Backend(std::net::SocketAddr);
+#[derive(Debug, Clone)]
+struct Backend(Label);
 
 /// The first route with a match that fits the request (Gateway API order:
 /// rules in the order given).
@@ -520,6 +545,7 @@ mod tests {
     fn route(name: &str, m: RouteMatch) -> Route {
         Route {
             name: name.into(),
+            label: Label::new(name),
             matches: vec![m],
             backends: vec![(0, 1)],
             retry: RetryPolicy::default(),

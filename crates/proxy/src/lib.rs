@@ -104,6 +104,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         } else {
             Targets::Fixed(Arc::new(Forwarder {
                 direction: "outbound",
+                passthrough: false,
                 services: services.clone(),
                 routes: o.routes.clone(),
                 default_route: o
@@ -157,6 +158,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 );
                 Targets::Fixed(Arc::new(Forwarder {
                     direction: "inbound",
+                    passthrough: false,
                     services: vec![service],
                     routes: Vec::new(),
                     default_route: Some(Route::to_service(&app.name, 0)),

@@ -1,6 +1,8 @@
 //! The proxy's Prometheus metrics, under `skiff_proxy_`.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -19,16 +21,41 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
 }
 
+/// A label value made once (per route, service, endpoint or connection)
+/// and shared by every request's label set: cloning it is a reference
+/// count, not a string copy.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, Default)]
+pub struct Label(pub Arc<str>);
+
+impl Label {
+    pub fn new(s: &str) -> Label {
+        Label(Arc::from(s))
+    }
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(&self.0)
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// The route (outbound) or the policy that decided (inbound).
-    pub route: String,
-    pub service: String,
-    pub backend: String,
+    pub route: Label,
+    pub service: Label,
+    pub backend: Label,
     /// The mTLS-verified peer identity, or `none`.
-    pub peer: String,
+    pub peer: Label,
     pub tls: &'static str,
     pub status: u16,
 }
@@ -36,8 +63,8 @@ pub struct RequestLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LatencyLabels {
     pub direction: &'static str,
-    pub route: String,
-    pub service: String,
+    pub route: Label,
+    pub service: Label,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -95,23 +95,18 @@ impl Listener {
     ) -> std::io::Result<()> {
         let direction = self.direction;
         let (protocol, prefix) = match self.protocol {
+            _ if forwarder.passthrough => (Protocol::Opaque, bytes::Bytes::new()),
             ListenerProtocol::Tcp if self.tls.is_none() => (Protocol::Opaque, bytes::Bytes::new()),
             _ => sniff(&mut tcp, self.detect_timeout).await?,
         };
         let io = Prefixed::new(prefix, tcp);
         let Some(identity) = &self.tls else {
-            let peer = Peer {
-                identity: None,
-                tls: false,
-            };
+            let peer = Peer::new(None, false);
             return self.application(io, protocol, peer, forwarder, drain).await;
         };
         if protocol != Protocol::Tls {
             if self.allow_plaintext {
-                let peer = Peer {
-                    identity: None,
-                    tls: false,
-                };
+                let peer = Peer::new(None, false);
                 return self.application(io, protocol, peer, forwarder, drain).await;
             }
             self.count(direction, "refused", false, "none");
@@ -157,10 +152,7 @@ impl Listener {
             ListenerProtocol::Tcp => (Protocol::Opaque, bytes::Bytes::new()),
             _ => sniff(&mut tls, self.detect_timeout).await?,
         };
-        let peer = Peer {
-            identity: peer_id,
-            tls: true,
-        };
+        let peer = Peer::new(peer_id, true);
         self.application(Prefixed::new(prefix, tls), inner, peer, forwarder, drain)
             .await
     }
@@ -185,7 +177,7 @@ impl Listener {
             (true, _) => "http1",
             (false, _) => "opaque",
         };
-        self.count(direction, name, peer.tls, &peer.label());
+        self.count(direction, name, peer.tls, &peer.label.to_string());
         if http {
             serve_http(io, forwarder.clone(), peer, drain).await;
             Ok(())

@@ -131,6 +131,9 @@ pub fn original_dst(tcp: &TcpStream) -> std::io::Result<SocketAddr> {
     )))
 }
 
+/// Destinations whose forwarders (and connection pools) are kept.
+const MAX_CACHED: usize = 4096;
+
 /// What a transparent listener needs to make a forwarder per destination.
 #[derive(Debug)]
 pub struct Transparent {
@@ -178,7 +181,7 @@ impl Transparent {
                 "{dst} is this listener: connections must arrive redirected"
             ));
         }
-        let (name, endpoints) = if self.direction == "inbound" {
+        let (name, endpoints, passthrough) = if self.direction == "inbound" {
             let app = SocketAddr::from(([127, 0, 0, 1], dst.port()));
             (
                 app.to_string(),
@@ -186,6 +189,7 @@ impl Transparent {
                     addr: app,
                     identity: None,
                 }],
+                false,
             )
         } else {
             let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
@@ -200,6 +204,7 @@ impl Transparent {
                             identity: peers.table.get(ip).cloned(),
                         })
                         .collect(),
+                    false,
                 ),
                 None => {
                     let identity = peers.table.get(&dst.ip()).cloned();
@@ -207,12 +212,14 @@ impl Transparent {
                         || dst.to_string(),
                         |id| format!("{}/{}", id.namespace, id.service_account),
                     );
+                    let passthrough = identity.is_none();
                     (
                         name,
                         vec![EndpointConfig {
                             addr: dst,
                             identity,
                         }],
+                        passthrough,
                     )
                 }
             }
@@ -233,6 +240,7 @@ impl Transparent {
         )?;
         let forwarder = Arc::new(Forwarder {
             direction: self.direction,
+            passthrough,
             services: vec![Arc::new(service)],
             routes: Vec::new(),
             default_route: Some(Route::to_service(&name, 0)),
@@ -241,6 +249,11 @@ impl Transparent {
             retries: self.direction == "outbound",
             metrics: self.metrics.clone(),
         });
+        // Bounded: a proxy whose app calls many outside addresses must not
+        // grow without end. Dropping the cache drops only idle pools.
+        if cache.len() >= MAX_CACHED {
+            cache.clear();
+        }
         cache.insert(dst, forwarder.clone());
         Ok(forwarder)
     }

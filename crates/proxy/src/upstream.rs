@@ -28,6 +28,10 @@ pub type Body = BoxBody<Bytes, BoxError>;
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// `addr`, for metrics.
+    pub label: crate::metrics::Label,
+    /// `addr`, for request URIs.
+    pub authority: hyper::http::uri::Authority,
     pub identity: Option<SpiffeId>,
     pub connector: Connector,
     pub http1: Client<Connector, Body>,
@@ -38,6 +42,8 @@ pub struct Endpoint {
 #[derive(Debug)]
 pub struct Service {
     pub name: String,
+    /// `name`, for metrics.
+    pub label: crate::metrics::Label,
     pub endpoints: Vec<Endpoint>,
     balancer: Mutex<Balancer>,
     budget: Mutex<RetryBudget>,
@@ -58,6 +64,7 @@ impl Service {
             .map_err(|e| format!("service {}: {e}", config.name))?;
         Ok(Service {
             name: config.name.clone(),
+            label: crate::metrics::Label::new(&config.name),
             balancer: Mutex::new(Balancer::new(BalanceConfig::default(), endpoints.len())),
             budget: Mutex::new(RetryBudget::new(BudgetConfig::default())),
             endpoints,
@@ -126,6 +133,12 @@ impl Endpoint {
         let http2 = builder.http2_only(true).build(connector.clone());
         Ok(Endpoint {
             addr: config.addr,
+            label: crate::metrics::Label::new(&config.addr.to_string()),
+            authority: config
+                .addr
+                .to_string()
+                .parse()
+                .map_err(|e| format!("endpoint {}: {e}", config.addr))?,
             identity: config.identity.clone(),
             connector,
             http1,

@@ -161,6 +161,20 @@ fn apps_talk_plainly_and_only_tls_crosses_between_nodes() {
         String::from_utf8_lossy(&checked.stderr)
     );
 
+    // Destinations outside the mesh are reached as without the proxy: the
+    // API server, with the app's own TLS, straight through.
+    let outside = Command::new("ip")
+        .args(["netns", "exec", &web_ns, "curl", "-sSk", "--max-time", "3"])
+        .arg(format!("{}/healthz", c.url))
+        .output()
+        .unwrap_or_else(|e| panic!("curl: {e}"));
+    assert_eq!(
+        String::from_utf8_lossy(&outside.stdout).trim(),
+        "ok",
+        "{}",
+        String::from_utf8_lossy(&outside.stderr)
+    );
+
     // Plaintext from outside the mesh (the other node itself) is refused.
     let other_node = c
         .nodes
