@@ -40,50 +40,120 @@ pub fn next_free(range: &Cidr, used: &BTreeSet<Ipv4Addr>) -> Option<Cidr> {
 /// Gives every real node without a pod range the next free one. Writes are
 /// compare-and-swap, so a node that changed meanwhile is handled next pass.
 pub async fn assign(store: &EmbeddedStore, range: &Cidr) -> Result<(), StoreError> {
-    let (kvs, _) = store.list("/registry/nodes/").await?;
-    let nodes: Vec<(String, u64, Value)> = kvs
-        .iter()
-        .filter_map(|kv| {
-            let v: Value = serde_json::from_slice(&kv.value).ok()?;
-            Some((kv.key.clone(), kv.mod_revision, v))
-        })
-        .collect();
-    let mut used: BTreeSet<Ipv4Addr> = nodes
-        .iter()
-        .filter_map(|(_, _, v)| v.pointer("/spec/podCIDR")?.as_str()?.parse::<Cidr>().ok())
-        .filter_map(|c| match c.addr {
-            IpAddr::V4(a) => Some(a),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    for (key, revision, mut v) in nodes {
-        let hollow = v
-            .pointer("/metadata/labels/skiff.dev~1hollow")
+    let handout = Handout {
+        prefix: "/registry/nodes/",
+        field: ["spec", "podCIDR"],
+        what: "pod range",
+        flag: "--pod-cidr-range",
+    };
+    let hollow = |v: &Value| {
+        v.pointer("/metadata/labels/skiff.dev~1hollow")
             .and_then(Value::as_str)
-            == Some("true");
-        if hollow || v.pointer("/spec/podCIDR").is_some_and(|c| !c.is_null()) {
-            continue;
-        }
-        let Some(cidr) = next_free(range, &used) else {
-            tracing::error!(node = %key, range = %range, "No pod range left for a new node: widen --pod-cidr-range");
-            return Ok(());
-        };
-        v["spec"]["podCIDR"] = json!(cidr.to_string());
-        match store
-            .update(&key, bytes::Bytes::from(v.to_string()), revision)
-            .await
-        {
-            Ok(_) => {
-                if let IpAddr::V4(a) = cidr.addr {
-                    used.insert(a);
+            == Some("true")
+    };
+    let network = |s: &str| match s.parse::<Cidr>().ok()?.addr {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    };
+    handout
+        .run(
+            store,
+            range,
+            |v| !hollow(v),
+            network,
+            |used| {
+                let cidr = next_free(range, used)?;
+                match cidr.addr {
+                    IpAddr::V4(a) => Some((a, cidr.to_string())),
+                    IpAddr::V6(_) => None,
                 }
-                tracing::info!(node = %key, pod_cidr = %cidr, "Assigned a pod range");
+            },
+        )
+        .await
+}
+
+/// Gives every Service without a virtual address the next free one.
+pub async fn assign_service_addresses(
+    store: &EmbeddedStore,
+    range: &Cidr,
+) -> Result<(), StoreError> {
+    let handout = Handout {
+        prefix: "/registry/services/",
+        field: ["status", "virtualAddress"],
+        what: "virtual address",
+        flag: "--service-cidr",
+    };
+    handout
+        .run(
+            store,
+            range,
+            |_| true,
+            |s| s.parse().ok(),
+            |used| next_free_address(range, used).map(|a| (a, a.to_string())),
+        )
+        .await
+}
+
+/// Addresses of one kind and where objects keep them.
+struct Handout {
+    prefix: &'static str,
+    field: [&'static str; 2],
+    what: &'static str,
+    flag: &'static str,
+}
+
+impl Handout {
+    /// Gives each object that `wants` one and has none the value `next`
+    /// picks, given the addresses in use (`used_of` reads one from a
+    /// stored value). Writes are compare-and-swap, so an object that
+    /// changed meanwhile is handled next pass.
+    async fn run(
+        &self,
+        store: &EmbeddedStore,
+        range: &Cidr,
+        wants: impl Fn(&Value) -> bool,
+        used_of: impl Fn(&str) -> Option<Ipv4Addr>,
+        next: impl Fn(&BTreeSet<Ipv4Addr>) -> Option<(Ipv4Addr, String)>,
+    ) -> Result<(), StoreError> {
+        let pointer = format!("/{}/{}", self.field[0], self.field[1]);
+        let (kvs, _) = store.list(self.prefix).await?;
+        let objects: Vec<(String, u64, Value)> = kvs
+            .iter()
+            .filter_map(|kv| {
+                Some((
+                    kv.key.clone(),
+                    kv.mod_revision,
+                    serde_json::from_slice(&kv.value).ok()?,
+                ))
+            })
+            .collect();
+        let mut used: BTreeSet<Ipv4Addr> = objects
+            .iter()
+            .filter_map(|(_, _, v)| used_of(v.pointer(&pointer)?.as_str()?))
+            .collect();
+        for (key, revision, mut v) in objects {
+            if !wants(&v) || v.pointer(&pointer).is_some_and(|c| !c.is_null()) {
+                continue;
             }
-            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
+            let Some((address, value)) = next(&used) else {
+                tracing::error!(object = %key, range = %range, "No {} left: widen {}", self.what, self.flag);
+                return Ok(());
+            };
+            v[self.field[0]][self.field[1]] = json!(value);
+            match store
+                .update(&key, bytes::Bytes::from(v.to_string()), revision)
+                .await
+            {
+                Ok(_) => {
+                    used.insert(address);
+                    tracing::info!(object = %key, value = %value, "Assigned a {}", self.what);
+                }
+                Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The lowest address of `range` (neither its network nor its broadcast
@@ -97,52 +167,6 @@ pub fn next_free_address(range: &Cidr, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4
     (1..size.saturating_sub(1))
         .map(|i| Ipv4Addr::from((first + i) as u32))
         .find(|a| !used.contains(a))
-}
-
-/// Gives every Service without a virtual address the next free one.
-pub async fn assign_service_addresses(
-    store: &EmbeddedStore,
-    range: &Cidr,
-) -> Result<(), StoreError> {
-    let (kvs, _) = store.list("/registry/services/").await?;
-    let services: Vec<(String, u64, Value)> = kvs
-        .iter()
-        .filter_map(|kv| {
-            Some((
-                kv.key.clone(),
-                kv.mod_revision,
-                serde_json::from_slice(&kv.value).ok()?,
-            ))
-        })
-        .collect();
-    let mut used: BTreeSet<Ipv4Addr> = services
-        .iter()
-        .filter_map(|(_, _, v)| v.pointer("/status/virtualAddress")?.as_str()?.parse().ok())
-        .collect();
-    for (key, revision, mut v) in services {
-        if v.pointer("/status/virtualAddress")
-            .is_some_and(|a| !a.is_null())
-        {
-            continue;
-        }
-        let Some(address) = next_free_address(range, &used) else {
-            tracing::error!(service = %key, range = %range, "No virtual address left for a new service: widen --service-cidr");
-            return Ok(());
-        };
-        v["status"]["virtualAddress"] = json!(address.to_string());
-        match store
-            .update(&key, bytes::Bytes::from(v.to_string()), revision)
-            .await
-        {
-            Ok(_) => {
-                used.insert(address);
-                tracing::info!(service = %key, virtual_address = %address, "Assigned a virtual address");
-            }
-            Err(StoreError::Conflict { .. } | StoreError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -30,9 +30,20 @@ pub struct Config {
     /// addresses are meshed and what identity each must prove (re-read
     /// when it changes): `{"peers": {"<ip>": "spiffe://…"}}`.
     pub peers_file: Option<PathBuf>,
+    /// Cluster DNS for the instance (names from the peers file).
+    pub dns: Option<DnsConfig>,
     pub timeouts: Timeouts,
     /// How long connections get to finish after SIGTERM.
     pub drain: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DnsConfig {
+    /// UDP address the redirected queries arrive at.
+    pub listen: SocketAddr,
+    /// Services are `<svc>.<ns>.svc.<domain>`.
+    pub domain: String,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +245,7 @@ struct RawConfig {
     #[serde(default)]
     services: BTreeMap<String, RawService>,
     peers_file: Option<PathBuf>,
+    dns: Option<DnsConfig>,
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default = "default_drain")]
@@ -564,6 +576,7 @@ impl RawConfig {
             outbound,
             services,
             peers_file: self.peers_file,
+            dns: self.dns,
             timeouts: Timeouts {
                 connect: Duration::from_millis(self.timeouts.connect_ms),
                 request: Duration::from_millis(self.timeouts.request_ms),

@@ -185,22 +185,19 @@ impl Forwarder {
             .cloned()
             .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
         let idempotent = is_idempotent(&parts.method);
-        // Keep small bodies so the request can be sent again.
-        let mut streaming = Some(body);
-        let kept = match streaming.as_ref() {
-            Some(b) if fits(b, &headers) => {
-                let b = streaming.take().unwrap_or_else(|| unreachable!());
-                match Limited::new(b, RETRYABLE_BODY as usize).collect().await {
-                    Ok(c) => Some(c.to_bytes()),
-                    Err(e) => {
-                        return text(
-                            StatusCode::BAD_REQUEST,
-                            &format!("reading the request body: {e}"),
-                        );
-                    }
+        // Keep small bodies so the request can be sent again; stream the rest.
+        let (kept, mut streaming) = if fits(&body, &headers) {
+            match Limited::new(body, RETRYABLE_BODY as usize).collect().await {
+                Ok(c) => (Some(c.to_bytes()), None),
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        &format!("reading the request body: {e}"),
+                    );
                 }
             }
-            _ => None,
+        } else {
+            (None, Some(body))
         };
         service.deposit();
         let mut tried = Vec::new();

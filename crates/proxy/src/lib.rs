@@ -7,6 +7,7 @@ pub mod balance;
 pub mod budget;
 pub mod config;
 pub mod detect;
+pub mod dns;
 pub mod http;
 pub mod io;
 pub mod metrics;
@@ -78,6 +79,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let peers = Arc::new(std::sync::RwLock::new(transparent::Peers::default()));
     if let Some(path) = &config.peers_file {
         spawn_peers_reload(path.clone(), peers.clone());
+    }
+    if let Some(dns) = &config.dns {
+        let socket = tokio::net::UdpSocket::bind(dns.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("dns {}: cannot listen: {e}", dns.listen))?;
+        tokio::spawn(dns::serve(socket, peers.clone(), dns.domain.clone()));
     }
     let (ready_tx, ready_rx) = watch::channel(false);
     let admin = server::bind(config.admin, "admin")

@@ -29,6 +29,8 @@ pub struct Peers {
     /// Services' virtual addresses: a connection to one goes to one of the
     /// service's ready instances, on the same port, chosen by the balancer.
     pub services: HashMap<IpAddr, VirtualService>,
+    /// `namespace/name` → virtual address, for DNS.
+    pub by_name: HashMap<String, IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,10 +115,15 @@ pub fn load_peers(path: &Path) -> Result<Peers, String> {
             services.insert(addr, VirtualService { name, endpoints });
         }
     }
+    let by_name = services
+        .iter()
+        .map(|(vip, s)| (s.name.clone(), *vip))
+        .collect();
     Ok(Peers {
         version,
         table,
         services,
+        by_name,
     })
 }
 

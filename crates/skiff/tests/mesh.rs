@@ -254,6 +254,23 @@ fn apps_talk_plainly_and_only_tls_crosses_between_nodes() {
         || log_tail(&c, "n1"),
     );
     let before = (expiry(&metrics_in(&web_ns)), expiry(&metrics));
+    // Cluster DNS: the name resolves to the virtual address, in web's
+    // namespace, through whatever nameserver the host's resolv.conf names.
+    let name = "db.mesh.svc.skiff.local";
+    let resolved = Command::new("ip")
+        .args(["netns", "exec", &web_ns, "getent", "hosts", name])
+        .output()
+        .unwrap_or_else(|e| panic!("getent: {e}"));
+    let resolved = String::from_utf8_lossy(&resolved.stdout).to_string();
+    assert_eq!(
+        resolved.split_whitespace().next(),
+        Some(vip.as_str()),
+        "{resolved}"
+    );
+    let by_name =
+        curl_in(&web_ns, &format!("http://{name}:8080/")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(by_name.contains(&format!("db-{suffix}")), "{by_name}");
+
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -31,6 +31,8 @@ use super::instance::Plan;
 pub const PROXY_UID: u32 = 1337;
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
+/// Where the instance's DNS queries are redirected (the proxy answers).
+pub const DNS_PORT: u16 = 15053;
 /// `/ready`, `/live`, `/metrics`, on every address of the instance.
 pub const ADMIN_PORT: u16 = 4191;
 
@@ -89,6 +91,7 @@ impl Mesh {
             "inbound": [{"listen": format!("0.0.0.0:{INBOUND_PORT}"), "transparent": true}],
             "outbound": [{"listen": format!("127.0.0.1:{OUTBOUND_PORT}"), "transparent": true}],
             "peersFile": self.peers_file(),
+            "dns": {"listen": format!("127.0.0.1:{DNS_PORT}"), "domain": self.trust_domain},
             "drainSeconds": 5,
         });
         write_atomic(&config, text.to_string().as_bytes(), 0o644, None)?;
@@ -290,7 +293,7 @@ async fn intercept(plan: &Plan) -> Result<(), String> {
 /// NAT rules for one instance namespace: inbound TCP to the inbound port
 /// except from the node (`gateway`) and to the proxy's admin port; the
 /// app's outbound TCP to the outbound port except loopback and the
-/// proxy's own.
+/// proxy's own; the app's DNS queries to the proxy's DNS port.
 pub fn interception_rules(gateway: Ipv4Addr) -> String {
     format!(
         "*nat\n\
@@ -302,6 +305,7 @@ pub fn interception_rules(gateway: Ipv4Addr) -> String {
          -A OUTPUT -p tcp -o lo -j RETURN\n\
          -A OUTPUT -p tcp -m owner --uid-owner {PROXY_UID} -j RETURN\n\
          -A OUTPUT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}\n\
+         -A OUTPUT -p udp --dport 53 -m owner ! --uid-owner {PROXY_UID} -j REDIRECT --to-ports {DNS_PORT}\n\
          COMMIT\n"
     )
 }
