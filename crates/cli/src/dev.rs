@@ -4,7 +4,7 @@
 //! is named after a slot number (several clusters can run at once) and is
 //! removed on Ctrl-C, SIGTERM, `skiff dev down`, or when the process ends.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,9 +34,13 @@ pub struct DevArgs {
     /// half the node grace, before replacements can start elsewhere.
     #[arg(long)]
     pub self_fence: bool,
-    /// Inject the sidecar proxy into every instance (mTLS between them).
+    /// Inject the sidecar proxy into every instance (mTLS between them);
+    /// the demo is then reached through the ingress gateway.
     #[arg(long)]
     pub mesh: bool,
+    /// With --mesh: the localhost port of the ingress gateway to the demo.
+    #[arg(long, default_value_t = 8000)]
+    pub gateway_port: u16,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -129,6 +133,49 @@ pub fn run(args: &DevArgs) -> anyhow::Result<u8> {
         tokio::spawn(host_routes(client.clone()));
         if !args.no_demo {
             demo(&cluster, &client).await?;
+            if args.mesh {
+                let listen = SocketAddr::from(([127, 0, 0, 1], args.gateway_port));
+                let (client, dir) = (client.clone(), cluster.dir.join("gateway"));
+                tokio::spawn(async move {
+                    let never = std::future::pending::<()>();
+                    if let Err(e) = crate::gateway::run(
+                        client,
+                        &dir,
+                        listen,
+                        "web.shop:8080",
+                        "skiff.local",
+                        never,
+                    )
+                    .await
+                    {
+                        eprintln!("skiff dev: the gateway stopped: {e:#}");
+                    }
+                });
+                // Shown once the gateway has the cluster's discovery.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let out = tokio::process::Command::new("curl")
+                        .args(["-sS", "--max-time", "3", &format!("http://{listen}/")])
+                        .output()
+                        .await;
+                    let answered = out.as_ref().is_ok_and(|o| o.status.success());
+                    if answered || Instant::now() > deadline {
+                        println!(
+                            "$ curl http://{listen}/   # the mesh's ingress gateway, mTLS inside"
+                        );
+                        if let Ok(o) = out {
+                            print!(
+                                "{}{}",
+                                String::from_utf8_lossy(&o.stdout),
+                                String::from_utf8_lossy(&o.stderr)
+                            );
+                        }
+                        println!();
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
         }
         println!(
             "skiff dev: running; Ctrl-C (or `skiff dev down`) stops it and removes everything"
@@ -481,7 +528,9 @@ async fn demo(c: &Cluster, client: &skiff_client::Client) -> anyhow::Result<()> 
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    if let Some(addr) = web {
+    // With the mesh, an instance refuses plaintext from outside it: the
+    // demo is shown through the ingress gateway instead.
+    if let Some(addr) = web.filter(|_| !c.options.mesh) {
         let out = tokio::process::Command::new("curl")
             .args(["-sS", "--max-time", "3", &format!("http://{addr}:8080/")])
             .output()

@@ -14,6 +14,7 @@ pub mod demo_app;
 pub mod describe;
 pub mod dev;
 pub mod flows;
+pub mod gateway;
 pub mod logs;
 pub mod output;
 pub mod policy;

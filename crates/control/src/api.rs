@@ -161,7 +161,12 @@ async fn routed(
         (Method::POST, Some(name), Sub::Certificate) => {
             let body = read_body(req).await?;
             let ns = target.namespace.clone().unwrap_or_default();
-            crate::certificates::issue(state, &who, &target.key(), &ns, name, &body).await
+            if target.kind.kind == "Service" {
+                crate::certificates::for_service(state, &who, &ns, name, &body)
+            } else {
+                crate::certificates::for_instance(state, &who, &target.key(), &ns, name, &body)
+                    .await
+            }
         }
         (Method::GET, Some(_), Sub::None) => get(state, &who, &target).await,
         (Method::GET, None, _) if query.watch => watch_stream(state, &who, &target, &query).await,
@@ -234,7 +239,9 @@ fn parse_path(path: &str) -> Result<Target, ApiError> {
     if sub == Sub::Status && !kind.has_status {
         return Err(ApiError::not_found(format!("{} has no status", kind.kind)));
     }
-    if matches!(sub, Sub::Log | Sub::Certificate) && kind.kind != "Instance" {
+    if (sub == Sub::Log && kind.kind != "Instance")
+        || (sub == Sub::Certificate && !matches!(kind.kind, "Instance" | "Service"))
+    {
         return Err(ApiError::not_found(format!(
             "{} has no {}; instances do",
             kind.kind,

@@ -13,9 +13,10 @@ use skiff_store::Store;
 use crate::api::AppState;
 use crate::error::ApiError;
 
-/// `POST …/instances/NAME/certificate` with `{"csr": "<PEM>"}`. Only the
-/// node the instance is assigned to (or an admin) may ask.
-pub(crate) async fn issue(
+/// `POST …/instances/NAME/certificate` with `{"csr": "<PEM>"}`: a
+/// certificate for the instance's Service identity. Only the node the
+/// instance is assigned to (or an admin) may ask.
+pub(crate) async fn for_instance(
     state: &Arc<AppState>,
     who: &Principal,
     key: &str,
@@ -45,9 +46,48 @@ pub(crate) async fn issue(
         .pointer("/spec/service")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let id = SpiffeId::new(&state.workload.trust_domain, namespace, service).map_err(|e| {
-        ApiError::bad_request(format!("identity for Instance {namespace}/{name}: {e}"))
-    })?;
+    sign(
+        state,
+        namespace,
+        service,
+        &format!("Instance {namespace}/{name}"),
+        body,
+    )
+}
+
+/// `POST …/services/NAME/certificate`: a certificate for the identity
+/// `…/ns/NS/sa/NAME` held by something that is not an instance (the
+/// ingress gateway). Admins only; the Service need not exist.
+pub(crate) fn for_service(
+    state: &Arc<AppState>,
+    who: &Principal,
+    namespace: &str,
+    name: &str,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    if !matches!(who, Principal::Admin { .. }) {
+        return Err(ApiError::forbidden(format!(
+            "{who} may not get a certificate for Service {namespace}/{name}: admins only"
+        )));
+    }
+    sign(
+        state,
+        namespace,
+        name,
+        &format!("Service {namespace}/{name}"),
+        body,
+    )
+}
+
+fn sign(
+    state: &Arc<AppState>,
+    namespace: &str,
+    service: &str,
+    what: &str,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let id = SpiffeId::new(&state.workload.trust_domain, namespace, service)
+        .map_err(|e| ApiError::bad_request(format!("identity for {what}: {e}")))?;
     let request: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::bad_request(format!("body: expected {{\"csr\": \"<PEM>\"}}: {e}"))
     })?;
@@ -63,7 +103,7 @@ pub(crate) async fn issue(
         .sign_workload(csr, &id, now, state.workload.lifetime)
         .map_err(|e| ApiError::bad_request(format!("body.csr: {e}")))?;
     let not_after = now + state.workload.lifetime;
-    tracing::info!(identity = %id, instance = %format!("{namespace}/{name}"), "Workload certificate issued");
+    tracing::info!(identity = %id, holder = %what, "Workload certificate issued");
     Ok(axum::Json(json!({
         "identity": id.to_string(),
         "certificate": cert,

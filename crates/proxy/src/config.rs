@@ -119,6 +119,10 @@ pub struct Outbound {
     /// Connections arrive redirected: each goes where it was headed, with
     /// mTLS when the destination is a meshed peer.
     pub transparent: bool,
+    /// Everything to one Service of the mesh, by name (`namespace/name`)
+    /// and port, through its virtual address from the peers file: the
+    /// ingress gateway.
+    pub target: Option<(String, u16)>,
     pub protocol: ListenerProtocol,
     pub routes: Vec<Route>,
     /// Where requests no route matches go (and opaque connections).
@@ -305,6 +309,8 @@ struct RawOutbound {
     listen: SocketAddr,
     #[serde(default)]
     transparent: bool,
+    /// `<service>.<namespace>:<port>`.
+    target: Option<String>,
     #[serde(default = "detect")]
     protocol: ListenerProtocol,
     service: Option<String>,
@@ -497,7 +503,28 @@ impl RawConfig {
                     timeout: r.timeout_ms.map(Duration::from_millis),
                 });
             }
-            if default_service.is_none() && routes.is_empty() && !o.transparent {
+            let target = o
+                .target
+                .as_deref()
+                .map(|t| {
+                    let bad = || {
+                        format!("outbound[{i}].target: {t:?} is not <service>.<namespace>:<port>")
+                    };
+                    let (name, port) = t.rsplit_once(':').ok_or_else(bad)?;
+                    let (service, namespace) = name.split_once('.').ok_or_else(bad)?;
+                    let port: u16 = port.parse().map_err(|_| bad())?;
+                    Ok::<_, String>((format!("{namespace}/{service}"), port))
+                })
+                .transpose()?;
+            if target.is_some()
+                && (o.transparent || default_service.is_some() || !routes.is_empty())
+            {
+                return Err(format!(
+                    "outbound[{i}]: a target listener takes no service, routes or transparent"
+                ));
+            }
+            if default_service.is_none() && routes.is_empty() && !o.transparent && target.is_none()
+            {
                 return Err(format!("outbound[{i}]: needs a service or routes"));
             }
             if o.transparent && (default_service.is_some() || !routes.is_empty()) {
@@ -508,6 +535,7 @@ impl RawConfig {
             outbound.push(Outbound {
                 listen: o.listen,
                 transparent: o.transparent,
+                target,
                 protocol: o.protocol,
                 routes,
                 default_service,

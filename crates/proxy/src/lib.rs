@@ -98,7 +98,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     ));
     let mut listeners = Vec::new();
     for o in &config.outbound {
-        let targets = if o.transparent {
+        let targets = if let Some((service, port)) = &o.target {
+            Targets::Named {
+                via: Transparent::new(
+                    "outbound",
+                    o.listen,
+                    peers.clone(),
+                    identity.clone(),
+                    config.timeouts,
+                    None,
+                    metrics.clone(),
+                ),
+                service: service.clone(),
+                port: *port,
+            }
+        } else if o.transparent {
             Targets::Transparent(Transparent::new(
                 "outbound",
                 o.listen,

@@ -44,6 +44,13 @@ pub enum Targets {
     Fixed(Arc<Forwarder>),
     /// Each connection where it was headed before it was redirected.
     Transparent(Transparent),
+    /// Every connection to one Service's virtual address and port (the
+    /// service is `namespace/name` in the peers file).
+    Named {
+        via: Transparent,
+        service: String,
+        port: u16,
+    },
 }
 
 /// Accepts until `drain` turns true.
@@ -61,6 +68,27 @@ pub async fn serve(socket: TcpListener, listener: Arc<Listener>, mut drain: watc
                 tokio::spawn(async move {
                     let forwarder = match &listener.targets {
                         Targets::Fixed(f) => f.clone(),
+                        Targets::Named { via, service, port } => {
+                            let vip = via
+                                .peers
+                                .read()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .by_name
+                                .get(service)
+                                .copied();
+                            match vip.map(|ip| via.forwarder(std::net::SocketAddr::new(ip, *port)))
+                            {
+                                Some(Ok(f)) => f,
+                                Some(Err(e)) => {
+                                    tracing::info!(client.addr = %client, error = %e, "Connection refused");
+                                    return;
+                                }
+                                None => {
+                                    tracing::info!(client.addr = %client, service = %service, "No such service in the mesh (yet); connection refused");
+                                    return;
+                                }
+                            }
+                        }
                         Targets::Transparent(t) => match original_dst(&tcp)
                             .map_err(|e| e.to_string())
                             .and_then(|dst| t.forwarder(dst))

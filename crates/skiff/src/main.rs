@@ -32,7 +32,7 @@ enum Command {
     Agent(AgentArgs),
     /// A local cluster: server and N node agents in network namespaces, with the demo.
     Dev(skiff_cli::dev::DevArgs),
-    /// The sidecar and ingress proxy, configured from a file.
+    /// The sidecar proxy, from a config file; or the mesh's ingress gateway (--gateway).
     Proxy(ProxyArgs),
     /// The demo shop's HTTP service (what `skiff dev` runs in its instances).
     DemoApp(skiff_cli::demo_app::DemoAppArgs),
@@ -137,8 +137,22 @@ struct AgentArgs {
 #[derive(Debug, clap::Args)]
 struct ProxyArgs {
     /// Listeners, services, routes and identity files (YAML or JSON).
+    #[arg(long, required_unless_present = "gateway", conflicts_with = "gateway")]
+    config: Option<std::path::PathBuf>,
+    /// Ingress gateway mode: everything accepted on --listen goes to this
+    /// Service of the mesh, `<service>.<namespace>:<port>`, over mTLS. The
+    /// identity and the discovery come from the cluster (admin client config).
     #[arg(long)]
-    config: std::path::PathBuf,
+    gateway: Option<String>,
+    /// Gateway mode: where outside clients connect.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: std::net::SocketAddr,
+    /// Gateway mode: where its key, certificates and peers table live.
+    #[arg(long, default_value = "/run/skiff-gateway")]
+    state_dir: std::path::PathBuf,
+    /// Gateway mode: the cluster's trust domain.
+    #[arg(long, default_value = "skiff.local")]
+    trust_domain: String,
     /// Worker threads: the cores the proxy may use.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -248,8 +262,29 @@ fn init_logs(json: bool) {
 
 fn proxy(args: &ProxyArgs) -> anyhow::Result<u8> {
     init_logs(args.log_format == "json");
-    let config = skiff_proxy::config::Config::load(&args.config)?;
     anyhow::ensure!(args.threads >= 1, "--threads must be at least 1");
+    if let Some(target) = &args.gateway {
+        let client = skiff_client::Client::new(&skiff_client::ClientConfig::load(
+            &skiff_client::ClientConfig::default_path(),
+        )?)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()?;
+        runtime.block_on(skiff_cli::gateway::run(
+            client,
+            &args.state_dir,
+            args.listen,
+            target,
+            &args.trust_domain,
+            shutdown_signal(),
+        ))?;
+        return Ok(0);
+    }
+    let Some(path) = &args.config else {
+        anyhow::bail!("give --config FILE, or --gateway TARGET");
+    };
+    let config = skiff_proxy::config::Config::load(path)?;
     let runtime = if args.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

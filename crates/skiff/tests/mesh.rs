@@ -271,6 +271,49 @@ fn apps_talk_plainly_and_only_tls_crosses_between_nodes() {
         curl_in(&web_ns, &format!("http://{name}:8080/")).unwrap_or_else(|e| panic!("{e}"));
     assert!(by_name.contains(&format!("db-{suffix}")), "{by_name}");
 
+    // The ingress gateway: plain HTTP on a localhost port, mTLS into the
+    // mesh as its own identity, balanced over db's instances.
+    let gateway_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gateway_runtime = tokio::runtime::Runtime::new().unwrap_or_else(|e| panic!("{e}"));
+    let gateway_client = c.client().unwrap_or_else(|e| panic!("{e}"));
+    let gateway_dir = dir.path().join("gateway");
+    gateway_runtime.spawn(async move {
+        let never = std::future::pending::<()>();
+        skiff_cli::gateway::run(
+            gateway_client,
+            &gateway_dir,
+            gateway_port,
+            "db.mesh:8080",
+            "skiff.local",
+            never,
+        )
+        .await
+    });
+    let through_gateway = eventually(
+        Duration::from_secs(10),
+        "the gateway answers",
+        || {
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "3", &format!("http://{gateway_port}/")])
+                .output()
+                .ok()?;
+            let body = String::from_utf8_lossy(&out.stdout).to_string();
+            body.contains(&format!("db-{suffix}")).then_some(body)
+        },
+        || log_tail(&c, "n1"),
+    );
+    assert!(through_gateway.contains("\"service\""), "{through_gateway}");
+    let db_metrics = metrics_in(&db_ns);
+    assert!(
+        metrics_in(&db_ns).contains("spiffe://skiff.local/ns/skiff-system/sa/gateway")
+            || dbs
+                .iter()
+                .any(|d| metrics_in(&netns_of(&c, s(d, "/status/address"))).contains("sa/gateway")),
+        "no db proxy saw the gateway's identity:\n{db_metrics}"
+    );
+
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(std::sync::Mutex::new(Vec::new()));

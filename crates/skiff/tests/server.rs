@@ -388,6 +388,24 @@ async fn credentials_are_checked() {
         .await
         .unwrap();
     assert_eq!(status, 403, "{answer:?}");
+    // A Service identity for a non-instance holder (the gateway): admins only.
+    let service_path = "/apis/skiff.dev/v1/namespaces/skiff-system/services/gateway/certificate";
+    let gateway_csr = Some(bytes::Bytes::from(json!({ "csr": csr }).to_string()));
+    let (status, _) = node_cert
+        .raw(Method::POST, service_path, gateway_csr.clone())
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+    let (status, answer) = admin
+        .raw(Method::POST, service_path, gateway_csr)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer:?}");
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(
+        answer["identity"],
+        "spiffe://skiff.local/ns/skiff-system/sa/gateway"
+    );
     let bad = Some(bytes::Bytes::from(
         json!({ "csr": "not a csr" }).to_string(),
     ));

@@ -155,52 +155,57 @@ impl Mesh {
         let _ = std::fs::remove_dir_all(self.instance_dir(plan));
     }
 
-    /// Keeps the peers file equal to what every local proxy must know:
-    /// each instance's address and identity, and each Service's virtual
-    /// address with its ready instances. One list-then-watch per kind for
-    /// the whole node; the file is rewritten (atomically, numbered) after
-    /// each change settles.
+    /// Keeps this node's peers file current (see [`follow_discovery`]).
     pub async fn follow_discovery(self: std::sync::Arc<Self>, client: Client) {
-        let state = std::sync::Arc::new(std::sync::Mutex::new(Discovery::default()));
-        let changed = std::sync::Arc::new(tokio::sync::Notify::new());
-        for plural in ["instances", "services"] {
-            let (state, changed, client) = (state.clone(), changed.clone(), client.clone());
-            tokio::spawn(crate::list_and_watch(client, plural, move |change| {
-                let mut d = state.lock().unwrap_or_else(|p| p.into_inner());
-                let objects = match plural {
-                    "instances" => &mut d.instances,
-                    _ => &mut d.services,
-                };
-                match change {
-                    crate::Change::Reset(items) => {
-                        objects.clear();
-                        for v in items {
-                            objects.insert(crate::id_of(v), v.clone());
-                        }
-                    }
-                    crate::Change::Put(v) => {
+        follow_discovery(client, self.peers_file(), self.trust_domain.clone()).await;
+    }
+}
+
+/// Keeps the peers file at `path` equal to what every local proxy must know:
+/// each instance's address and identity, and each Service's virtual
+/// address with its ready instances. One list-then-watch per kind for
+/// the whole node; the file is rewritten (atomically, numbered) after
+/// each change settles.
+pub async fn follow_discovery(client: Client, path: PathBuf, trust_domain: String) {
+    let state = std::sync::Arc::new(std::sync::Mutex::new(Discovery::default()));
+    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+    for plural in ["instances", "services"] {
+        let (state, changed, client) = (state.clone(), changed.clone(), client.clone());
+        tokio::spawn(crate::list_and_watch(client, plural, move |change| {
+            let mut d = state.lock().unwrap_or_else(|p| p.into_inner());
+            let objects = match plural {
+                "instances" => &mut d.instances,
+                _ => &mut d.services,
+            };
+            match change {
+                crate::Change::Reset(items) => {
+                    objects.clear();
+                    for v in items {
                         objects.insert(crate::id_of(v), v.clone());
                     }
-                    crate::Change::Delete(v) => {
-                        objects.remove(&crate::id_of(v));
-                    }
                 }
-                changed.notify_one();
-            }));
-        }
-        let mut version = 0u64;
-        loop {
-            changed.notified().await;
-            // Let a burst (a rollout, a relist) settle into one write.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            version += 1;
-            let text = {
-                let d = state.lock().unwrap_or_else(|p| p.into_inner());
-                d.render(&self.trust_domain, version)
-            };
-            if let Err(e) = write_atomic(&self.peers_file(), text.as_bytes(), 0o644, None) {
-                tracing::warn!(error = %e, "Cannot write the mesh peers file");
+                crate::Change::Put(v) => {
+                    objects.insert(crate::id_of(v), v.clone());
+                }
+                crate::Change::Delete(v) => {
+                    objects.remove(&crate::id_of(v));
+                }
             }
+            changed.notify_one();
+        }));
+    }
+    let mut version = 0u64;
+    loop {
+        changed.notified().await;
+        // Let a burst (a rollout, a relist) settle into one write.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        version += 1;
+        let text = {
+            let d = state.lock().unwrap_or_else(|p| p.into_inner());
+            d.render(&trust_domain, version)
+        };
+        if let Err(e) = write_atomic(&path, text.as_bytes(), 0o644, None) {
+            tracing::warn!(error = %e, "Cannot write the mesh peers file");
         }
     }
 }
