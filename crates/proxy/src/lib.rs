@@ -98,22 +98,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     ));
     let mut listeners = Vec::new();
     for o in &config.outbound {
-        let targets = if let Some((service, port)) = &o.target {
-            Targets::Named {
-                via: Transparent::new(
-                    "outbound",
-                    o.listen,
-                    peers.clone(),
-                    identity.clone(),
-                    config.timeouts,
-                    None,
-                    metrics.clone(),
-                ),
-                service: service.clone(),
-                port: *port,
-            }
-        } else if o.transparent {
-            Targets::Transparent(Transparent::new(
+        // Per-destination forwarding, for transparent and target listeners.
+        let via = || {
+            Transparent::new(
                 "outbound",
                 o.listen,
                 peers.clone(),
@@ -121,7 +108,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 config.timeouts,
                 None,
                 metrics.clone(),
-            ))
+            )
+        };
+        let targets = if let Some((service, port)) = &o.target {
+            Targets::Named {
+                via: via(),
+                service: service.clone(),
+                port: *port,
+            }
+        } else if o.transparent {
+            Targets::Transparent(via())
         } else {
             Targets::Fixed(Arc::new(Forwarder {
                 direction: "outbound",
