@@ -147,33 +147,27 @@ static __always_inline struct skiff_policy_value *lookup_policy(__u32 ifindex, _
 {
 	struct skiff_policy_key k = {.ifindex = ifindex, .direction = dir};
 	struct skiff_policy_value *v;
-	/* Most specific first: peer and port, then any port, then any peer. */
-	k.peer = peer;
-	k.dport = port;
-	k.proto = proto;
-	v = bpf_map_lookup_elem(&skiff_policy, &k);
-	if (v)
-		return v;
-	k.dport = 0;
-	v = bpf_map_lookup_elem(&skiff_policy, &k);
-	if (v)
-		return v;
-	k.proto = 0;
-	v = bpf_map_lookup_elem(&skiff_policy, &k);
-	if (v)
-		return v;
-	k.peer = SKIFF_ID_ANY;
-	k.dport = port;
-	k.proto = proto;
-	v = bpf_map_lookup_elem(&skiff_policy, &k);
-	if (v)
-		return v;
-	k.dport = 0;
-	v = bpf_map_lookup_elem(&skiff_policy, &k);
-	if (v)
-		return v;
-	k.proto = 0;
-	return bpf_map_lookup_elem(&skiff_policy, &k);
+	__u32 peers[2] = {peer, SKIFF_ID_ANY};
+	/* Most specific first: this peer, then any peer; for each, this port
+	 * and protocol, then any port, then any protocol. */
+#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		k.peer = peers[i];
+		k.dport = port;
+		k.proto = proto;
+		v = bpf_map_lookup_elem(&skiff_policy, &k);
+		if (v)
+			return v;
+		k.dport = 0;
+		v = bpf_map_lookup_elem(&skiff_policy, &k);
+		if (v)
+			return v;
+		k.proto = 0;
+		v = bpf_map_lookup_elem(&skiff_policy, &k);
+		if (v)
+			return v;
+	}
+	return 0;
 }
 
 static __always_inline void report(struct flow *f, __u32 ifindex, __u8 dir, __u32 src_id, __u32 dst_id, __u32 rule,

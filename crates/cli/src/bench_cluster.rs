@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::{Value, json};
-use skiff_api::KindInfo;
 use skiff_client::{Client, ClientConfig, EventType};
 
 use crate::bench::{percentile, round};
+use crate::resources::kind;
 
 #[derive(Debug, Args)]
 pub struct FailoverArgs {
@@ -59,10 +59,6 @@ struct Cluster {
     dir: tempfile::TempDir,
     url: String,
     client: Client,
-}
-
-fn kind(name: &str) -> anyhow::Result<&'static KindInfo> {
-    KindInfo::find(name).with_context(|| format!("no kind {name}"))
 }
 
 fn start_server(grace: f64) -> anyhow::Result<Cluster> {

@@ -58,17 +58,12 @@ pub fn run(args: &PolicyArgs) -> anyhow::Result<u8> {
 }
 
 fn measure(args: &PolicyArgs, c: &crate::dev::Cluster) -> anyhow::Result<Value> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let client = c.client()?;
-    let kind = |k: &str| skiff_api::KindInfo::find(k).ok_or_else(|| anyhow::anyhow!("no kind {k}"));
-    let (services, instances, policies) =
-        (kind("services")?, kind("instances")?, kind("policies")?);
+    let (runtime, client, [services, instances, policies]) = crate::dev::bench_on(c)?;
     let service = |name: &str, run: Value| {
-        json!({"apiVersion": "skiff.dev/v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "bench", "labels": {"app": name}},
-            "spec": {"run": run, "resources": {"limits": {"memory": "512Mi"}}}})
+        crate::dev::bench_service(
+            name,
+            json!({"run": run, "resources": {"limits": {"memory": "512Mi"}}}),
+        )
     };
     let (server, client_addr) = runtime.block_on(async {
         client

@@ -57,18 +57,13 @@ pub fn propagation(args: &PropagationArgs) -> anyhow::Result<u8> {
 }
 
 fn measure(args: &PropagationArgs, c: &crate::dev::Cluster) -> anyhow::Result<Vec<Duration>> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let client = c.client()?;
-    let kind = |k: &str| skiff_api::KindInfo::find(k).ok_or_else(|| anyhow::anyhow!("no kind {k}"));
-    let (services, instances, policies) =
-        (kind("services")?, kind("instances")?, kind("policies")?);
+    let (runtime, client, [services, instances, policies]) = crate::dev::bench_on(c)?;
     let service = |name: &str, replicas: usize| {
-        json!({"apiVersion": "skiff.dev/v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "bench", "labels": {"app": name}},
-            "spec": {"replicas": replicas, "run": {"command": "skiff", "args": ["demo-app", "--name", name, "--echo", "8080"]},
-                     "placement": {"spread": [{"topologyKey": "hostname", "maxSkew": 1, "mode": "hard"}]}}})
+        crate::dev::bench_service(
+            name,
+            json!({"replicas": replicas, "run": {"command": "skiff", "args": ["demo-app", "--name", name, "--echo", "8080"]},
+            "placement": {"spread": [{"topologyKey": "hostname", "maxSkew": 1, "mode": "hard"}]}}),
+        )
     };
     let isolate = json!({"apiVersion": "skiff.dev/v1", "kind": "Policy", "metadata": {"name": "isolate", "namespace": "bench"},
         "spec": {"selector": {"matchLabels": {"app": "target"}}, "ingress": []}});

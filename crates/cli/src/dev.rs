@@ -767,6 +767,33 @@ pub fn with_cluster<T>(
     result
 }
 
+/// What a bench on cluster `c` works with: a runtime, an admin client,
+/// and the Service, Instance and Policy kinds.
+pub(crate) fn bench_on(
+    c: &Cluster,
+) -> anyhow::Result<(
+    tokio::runtime::Runtime,
+    skiff_client::Client,
+    [&'static skiff_api::KindInfo; 3],
+)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let kind = crate::resources::kind;
+    Ok((
+        runtime,
+        c.client()?,
+        [kind("services")?, kind("instances")?, kind("policies")?],
+    ))
+}
+
+/// A Service named `name` in namespace `bench`, labelled `app: <name>`.
+pub(crate) fn bench_service(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "skiff.dev/v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "bench", "labels": {"app": name}},
+        "spec": spec})
+}
+
 /// The network namespace of the instance at `address` in cluster `c`.
 pub fn netns_of(c: &Cluster, address: Ipv4Addr) -> Option<String> {
     let names: Vec<String> = std::fs::read_dir("/run/netns")

@@ -5,11 +5,10 @@
 //! to one Service over mTLS through the Service's virtual address.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use serde_json::{Value, json};
-use skiff_client::{Client, Method};
+use serde_json::json;
+use skiff_client::Client;
 use skiff_identity::SpiffeId;
 
 /// The gateway's identity: namespace and service account.
@@ -36,7 +35,21 @@ pub async fn run(
         peers.clone(),
         trust_domain.to_string(),
     ));
-    let renew = tokio::spawn(renew(client, dir.to_path_buf(), id, not_after));
+    let renew = {
+        let dir = dir.to_path_buf();
+        tokio::spawn(skiff_agent::runtime::mesh::renew_at_half_life(
+            id.to_string(),
+            not_after,
+            move || {
+                let (client, dir, id) = (client.clone(), dir.clone(), id.clone());
+                async move {
+                    issue(&client, &dir, &id)
+                        .await
+                        .map_err(|e| format!("{e:#}"))
+                }
+            },
+        ))
+    };
     let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let config = json!({
         "admin": admin.to_string(),
@@ -55,48 +68,12 @@ pub async fn run(
     result
 }
 
-/// A key made here and a certificate for it; returns its expiry.
+/// A key made here and a certificate for it, written into `dir`; returns
+/// its expiry.
 async fn issue(client: &Client, dir: &Path, id: &SpiffeId) -> anyhow::Result<i64> {
-    use std::os::unix::fs::PermissionsExt;
-    let (key, csr) = skiff_identity::workload_csr(id)?;
     let path = format!("/apis/skiff.dev/v1/namespaces/{NAMESPACE}/services/{ACCOUNT}/certificate");
-    let answer = client
-        .call(Method::POST, &path, Some(&json!({ "csr": csr })))
-        .await?;
-    let field = |k: &str| {
-        answer
-            .get(k)
-            .and_then(Value::as_str)
-            .map(String::from)
-            .ok_or_else(|| anyhow::anyhow!("certificate answer lacks {k}"))
-    };
-    std::fs::write(dir.join("ca.crt"), field("caCertificate")?)?;
-    let key_path = dir.join("tls.key");
-    std::fs::write(&key_path, key)?;
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::write(dir.join("tls.crt"), field("certificate")?)?;
-    answer
-        .get("notAfter")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| anyhow::anyhow!("certificate answer lacks notAfter"))
-}
-
-/// Renews at half the remaining lifetime; retries every 5 s on failure.
-async fn renew(client: Client, dir: PathBuf, id: SpiffeId, mut not_after: i64) {
-    loop {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        tokio::time::sleep(Duration::from_secs(((not_after - now).max(2) as u64) / 2)).await;
-        loop {
-            match issue(&client, &dir, &id).await {
-                Ok(t) => {
-                    not_after = t;
-                    break;
-                }
-                Err(e) => {
-                    eprintln!("gateway: certificate renewal failed ({e:#}); retrying");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
-            }
-        }
-    }
+    let (_, not_after) = skiff_agent::runtime::mesh::certify(client, &path, id, dir, None)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(not_after)
 }

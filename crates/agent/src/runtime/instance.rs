@@ -324,12 +324,17 @@ async fn start_sidecar(
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    let renew = tokio::spawn(renew_certificate(
-        rt.clone(),
-        mesh.clone(),
-        plan.clone(),
-        sidecar.not_after_unix,
-    ));
+    let renew = {
+        let (client, mesh, plan) = (rt.client.clone(), mesh.clone(), plan.clone());
+        tokio::spawn(super::mesh::renew_at_half_life(
+            plan.id(),
+            sidecar.not_after_unix,
+            move || {
+                let (client, mesh, plan) = (client.clone(), mesh.clone(), plan.clone());
+                async move { mesh.issue(&client, &plan).await.map(|(_, t)| t) }
+            },
+        ))
+    };
     Ok(RunningSidecar {
         proxy,
         renew,
@@ -345,34 +350,6 @@ struct RunningSidecar {
     renew: tokio::task::JoinHandle<()>,
     not_after_unix: i64,
     identity: String,
-}
-
-/// Renews the instance's certificate at half its remaining lifetime, and
-/// again each time; a failed renewal is retried every 5 s.
-async fn renew_certificate(
-    rt: Arc<NodeRuntime>,
-    mesh: Arc<super::mesh::Mesh>,
-    plan: Plan,
-    mut not_after: i64,
-) {
-    loop {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let wait = ((not_after - now).max(2) as u64) / 2;
-        tokio::time::sleep(Duration::from_secs(wait)).await;
-        loop {
-            match mesh.issue(&rt.client, &plan).await {
-                Ok((_, t)) => {
-                    tracing::info!(instance = %plan.id(), not_after = t, "Certificate renewed");
-                    not_after = t;
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(instance = %plan.id(), error = %e, "Certificate renewal failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
-            }
-        }
-    }
 }
 
 async fn prepare(rt: &NodeRuntime, plan: &Plan) -> Result<PodCgroup, String> {

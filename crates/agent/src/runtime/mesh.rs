@@ -108,46 +108,19 @@ impl Mesh {
     pub async fn issue(&self, client: &Client, plan: &Plan) -> Result<(SpiffeId, i64), String> {
         let id = SpiffeId::new(&self.trust_domain, &plan.namespace, &plan.service)
             .map_err(|e| format!("identity: {e}"))?;
-        let (key, csr) = skiff_identity::workload_csr(&id).map_err(|e| e.to_string())?;
         let instances = KindInfo::find("instances").ok_or("no Instance kind")?;
         let path = format!(
             "{}/certificate",
             skiff_client::path(instances, Some(&plan.namespace), Some(&plan.name))
         );
-        let answer = client
-            .call(Method::POST, &path, Some(&json!({ "csr": csr })))
-            .await
-            .map_err(|e| format!("certificate for {id}: {e}"))?;
-        let field = |k: &str| {
-            answer
-                .get(k)
-                .and_then(Value::as_str)
-                .map(String::from)
-                .ok_or_else(|| format!("certificate answer lacks {k}"))
-        };
-        let granted: SpiffeId = field("identity")?.parse().map_err(|e| format!("{e}"))?;
-        let dir = self.instance_dir(plan);
-        let owner = Some(PROXY_UID);
-        write_atomic(
-            &dir.join("ca.crt"),
-            field("caCertificate")?.as_bytes(),
-            0o644,
-            owner,
-        )?;
-        // Key before certificate: a reader between the two sees a pair that
-        // does not match, refuses it and keeps the previous one.
-        write_atomic(&dir.join("tls.key"), key.as_bytes(), 0o600, owner)?;
-        write_atomic(
-            &dir.join("tls.crt"),
-            field("certificate")?.as_bytes(),
-            0o644,
-            owner,
-        )?;
-        let not_after = answer
-            .get("notAfter")
-            .and_then(Value::as_i64)
-            .ok_or("certificate answer lacks notAfter")?;
-        Ok((granted, not_after))
+        certify(
+            client,
+            &path,
+            &id,
+            &self.instance_dir(plan),
+            Some(PROXY_UID),
+        )
+        .await
     }
 
     /// Removes an instance's sidecar files.
@@ -260,6 +233,81 @@ impl Discovery {
             }
         }
         json!({"version": version, "peers": peers, "services": services}).to_string()
+    }
+}
+
+/// Makes a key for `id`, has the control plane certify it (a POST of the
+/// CSR to `api_path`, an instance's or a Service's `/certificate`), and
+/// writes `ca.crt`, `tls.key` (0600) and `tls.crt` into `dir`, owned by
+/// `owner` when given. Returns the identity granted and the expiry.
+pub async fn certify(
+    client: &Client,
+    api_path: &str,
+    id: &SpiffeId,
+    dir: &Path,
+    owner: Option<u32>,
+) -> Result<(SpiffeId, i64), String> {
+    let (key, csr) = skiff_identity::workload_csr(id).map_err(|e| e.to_string())?;
+    let answer = client
+        .call(Method::POST, api_path, Some(&json!({ "csr": csr })))
+        .await
+        .map_err(|e| format!("certificate for {id}: {e}"))?;
+    let field = |k: &str| {
+        answer
+            .get(k)
+            .and_then(Value::as_str)
+            .map(String::from)
+            .ok_or_else(|| format!("certificate answer lacks {k}"))
+    };
+    let granted: SpiffeId = field("identity")?.parse().map_err(|e| format!("{e}"))?;
+    write_atomic(
+        &dir.join("ca.crt"),
+        field("caCertificate")?.as_bytes(),
+        0o644,
+        owner,
+    )?;
+    // Key before certificate: a reader between the two sees a pair that
+    // does not match, refuses it and keeps the previous one.
+    write_atomic(&dir.join("tls.key"), key.as_bytes(), 0o600, owner)?;
+    write_atomic(
+        &dir.join("tls.crt"),
+        field("certificate")?.as_bytes(),
+        0o644,
+        owner,
+    )?;
+    let not_after = answer
+        .get("notAfter")
+        .and_then(Value::as_i64)
+        .ok_or("certificate answer lacks notAfter")?;
+    Ok((granted, not_after))
+}
+
+/// Renews a certificate expiring at `not_after` (seconds since the epoch)
+/// at half its remaining life, and again each time; `issue` gets a new one
+/// and returns its expiry. A failed renewal is retried every 5 s. Runs
+/// until the task is aborted.
+pub async fn renew_at_half_life<F, Fut>(what: String, mut not_after: i64, mut issue: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<i64, String>>,
+{
+    loop {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let wait = ((not_after - now).max(2) as u64) / 2;
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        loop {
+            match issue().await {
+                Ok(t) => {
+                    tracing::info!(holder = %what, not_after = t, "Certificate renewed");
+                    not_after = t;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(holder = %what, error = %e, "Certificate renewal failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
     }
 }
 
