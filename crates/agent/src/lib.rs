@@ -2,6 +2,7 @@
 //! namespace, cgroups, supervised process, health checks), and its hollow
 //! mode (as Kubemark and KWOK do) for control-plane scale tests.
 
+pub mod cache;
 pub mod logs;
 pub mod node;
 pub mod policy;
@@ -201,49 +202,5 @@ async fn report(
         Err(e) => {
             tracing::debug!(instance = %id, error = %e, "Status update failed; the watch will retry")
         }
-    }
-}
-
-/// What [`list_and_watch`] reports.
-#[derive(Debug)]
-pub(crate) enum Change<'a> {
-    /// Everything there is (after a list; replaces what came before).
-    Reset(&'a [Value]),
-    Put(&'a Value),
-    Delete(&'a Value),
-}
-
-/// Lists one kind cluster-wide, then follows its watch, reporting each
-/// change to `on`; relists after a failed watch. Runs until the task ends.
-pub(crate) async fn list_and_watch(
-    client: skiff_client::Client,
-    plural: &'static str,
-    mut on: impl FnMut(Change<'_>) + Send,
-) {
-    let Some(kind) = skiff_api::KindInfo::find(plural) else {
-        return;
-    };
-    loop {
-        let list = match client.list(kind, None, None).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(kind = plural, error = %e, "Cannot list; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        on(Change::Reset(&list.items));
-        let mut watch = client.watch(kind, None, None, list.revision);
-        while let Some(event) = watch.next().await {
-            let Ok(event) = event else { break };
-            match event.kind {
-                skiff_client::EventType::Added | skiff_client::EventType::Modified => {
-                    on(Change::Put(&event.object))
-                }
-                skiff_client::EventType::Deleted => on(Change::Delete(&event.object)),
-                _ => {}
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }

@@ -125,15 +125,43 @@ pub async fn run(
     let pod_cidr = wait_for_pod_cidr(&client, &cfg.name).await?;
     tracing::info!(node.name = %cfg.name, pod_cidr = %pod_cidr, "Pod range assigned");
     tokio::spawn(routes(client.clone(), cfg.name.clone()));
-    if let (Some(e), Some(default)) = (&enforcer, cfg.network_policy) {
+    // One watch per kind for policy and the mesh together.
+    let policy = enforcer.as_ref().zip(cfg.network_policy);
+    let mut kinds = Vec::new();
+    if policy.is_some() || cfg.mesh.is_some() {
+        kinds.extend([
+            "policies",
+            "networkpolicies",
+            "namespaces",
+            "services",
+            "instances",
+        ]);
+    }
+    if cfg.mesh.is_some() {
+        kinds.push("routes");
+    }
+    let cache = crate::cache::Cache::follow(&client, &kinds);
+    if let Some((e, default)) = policy {
         let host = vec![cfg.address, net::gateway_of(pod_cidr)];
-        tokio::spawn(crate::policy::run(client.clone(), e.clone(), host, default));
+        tokio::spawn(crate::policy::run(cache.clone(), e.clone(), host, default));
     }
     let mesh = match &cfg.mesh {
         Some(td) => {
             let mesh =
                 Arc::new(crate::runtime::mesh::Mesh::new(&cfg.tag, td).map_err(AgentError::Setup)?);
-            tokio::spawn(mesh.clone().follow_discovery(client.clone()));
+            tokio::spawn(mesh.discovery.clone().follow(cache.clone()));
+            let enforcer = enforcer.clone();
+            tokio::spawn(crate::runtime::discovery::collect(
+                mesh.discovery.clone(),
+                client.clone(),
+                cfg.name.clone(),
+                crate::runtime::mesh::ADMIN_PORT,
+                move |dst, port, denial| {
+                    if let Some(e) = &enforcer {
+                        e.record_l7(dst, port, denial);
+                    }
+                },
+            ));
             Some(mesh)
         }
         None => None,

@@ -12,10 +12,9 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::cache::Cache;
 use serde_json::Value;
 use skiff_api::policy::DefaultPolicy;
-use skiff_api::policytest::NamedPort;
-use skiff_client::Client;
 use skiff_netpol::PolicyRule;
 use skiff_netpol::cluster;
 use skiff_netpol::compile::{self, Compiled, Identities, Input};
@@ -81,6 +80,19 @@ pub struct Flow {
     pub dst: End,
     /// `Policy ns/name` (or NetworkPolicy), or `no policy allows`.
     pub policy: String,
+    /// For a request refused by a proxy under L7 policy: what it asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpDetail>,
+}
+
+/// The request of an L7 denial.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HttpDetail {
+    pub method: String,
+    pub path: String,
+    /// The caller's verified identity, if it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -211,6 +223,66 @@ impl Enforcer {
         }
     }
 
+    /// Logs, counts and keeps one flow record, and hands it to whoever
+    /// follows (`skiff flows -f`).
+    fn record(&self, flow: Flow) {
+        if flow.verdict == "denied" {
+            tracing::info!(src = %flow.src.address, dst = %flow.dst.address, port = flow.port, protocol = flow.protocol, policy = %flow.policy, "Denied");
+        } else {
+            tracing::info!(src = %flow.src.address, dst = %flow.dst.address, port = flow.port, protocol = flow.protocol, policy = %flow.policy, "Audit: would deny");
+        }
+        *lock(&self.by_policy)
+            .entry((flow.policy.clone(), flow.verdict))
+            .or_default() += 1;
+        {
+            let mut recent = lock(&self.recent);
+            if recent.len() == RECENT_FLOWS {
+                recent.pop_front();
+            }
+            recent.push_back(flow.clone());
+        }
+        let _ = self.flows.send(flow);
+    }
+
+    /// A request a local proxy refused under L7 policy (its `/denials`
+    /// record), as a flow record of this node.
+    pub fn record_l7(&self, dst: Ipv4Addr, port: u16, denial: &Value) {
+        let text = |k: &str| {
+            denial
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let end = |address: Ipv4Addr| End {
+            address,
+            identity: 0,
+            named: lock(&self.names).get(&address).cloned().unwrap_or_default(),
+        };
+        let src = text("address").parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        self.record(Flow {
+            time: Some(text("time"))
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(crate::runtime::instance::now_rfc3339),
+            node: self.node.clone(),
+            verdict: "denied",
+            direction: "ingress",
+            protocol: "HTTP",
+            port,
+            src: end(src),
+            dst: end(dst),
+            policy: text("policy"),
+            http: Some(HttpDetail {
+                method: text("method"),
+                path: text("path"),
+                peer: denial
+                    .get("peer")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            }),
+        });
+    }
+
     /// Forgets an instance (its veth, and the filters on it, go with it).
     pub fn release(&self, instance: &str) {
         if lock(&self.local).remove(instance).is_some() {
@@ -228,23 +300,7 @@ fn report_events(mut events: aya::maps::RingBuf<aya::maps::MapData>, enforcer: A
             let Some(e) = skiff_netpol::maps::Event::parse(&item) else {
                 continue;
             };
-            let flow = to_flow(&enforcer, &e);
-            if flow.verdict == "denied" {
-                tracing::info!(src = %flow.src.address, dst = %flow.dst.address, port = flow.port, protocol = flow.protocol, policy = %flow.policy, "Denied");
-            } else {
-                tracing::info!(src = %flow.src.address, dst = %flow.dst.address, port = flow.port, protocol = flow.protocol, policy = %flow.policy, "Audit: would deny");
-            }
-            *lock(&enforcer.by_policy)
-                .entry((flow.policy.clone(), flow.verdict))
-                .or_default() += 1;
-            {
-                let mut recent = lock(&enforcer.recent);
-                if recent.len() == RECENT_FLOWS {
-                    recent.pop_front();
-                }
-                recent.push_back(flow.clone());
-            }
-            let _ = enforcer.flows.send(flow);
+            enforcer.record(to_flow(&enforcer, &e));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -289,42 +345,20 @@ fn to_flow(enforcer: &Enforcer, e: &skiff_netpol::maps::Event) -> Flow {
                 })
                 .unwrap_or_else(|| format!("rule {n}")),
         },
+        http: None,
     }
-}
-
-/// The cluster as the compiler needs it.
-#[derive(Debug, Default)]
-struct State {
-    policies: BTreeMap<String, PolicyRule>,
-    /// `ns/name` of a Service → its ports.
-    services: BTreeMap<String, Vec<NamedPort>>,
-    /// Namespace labels (namespace selectors match them).
-    namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    instances: BTreeMap<String, Value>,
 }
 
 /// Follows the cluster and keeps the maps in step, until the process ends.
 pub async fn run(
-    client: Client,
+    cache: Arc<Cache>,
     enforcer: Arc<Enforcer>,
     host: Vec<Ipv4Addr>,
     default: DefaultPolicy,
 ) {
-    let state = Arc::new(Mutex::new(State::default()));
-    for kind in [
-        "policies",
-        "networkpolicies",
-        "services",
-        "instances",
-        "namespaces",
-    ] {
-        tokio::spawn(follow(
-            client.clone(),
-            kind,
-            state.clone(),
-            enforcer.clone(),
-        ));
-    }
+    let mut cluster_changed = cache.subscribe();
+    // A first pass even if the lists arrived before this subscription.
+    cluster_changed.mark_changed();
     let mut ids = Identities::default();
     // What the pinned maps hold now (from an earlier run, perhaps): the
     // first pass removes what no longer belongs.
@@ -342,12 +376,15 @@ pub async fn run(
         std::thread::spawn(move || report_events(events, e));
     }
     loop {
-        enforcer.changed.notified().await;
+        tokio::select! {
+            _ = enforcer.changed.notified() => {}
+            _ = cluster_changed.changed() => {}
+        }
         // Let a burst of changes settle into one pass.
         tokio::time::sleep(Duration::from_millis(20)).await;
         let local = lock(&enforcer.local).clone();
         let next = {
-            let s = lock(&state);
+            let s = cache.state();
             build(&s, &local, &host, default, &mut ids)
         };
         match next {
@@ -364,7 +401,8 @@ pub async fn run(
                 *lock(&enforcer.rules) = next.rules.clone();
                 *lock(&enforcer.entries) =
                     [next.ipcache.len(), next.endpoints.len(), next.policy.len()];
-                *lock(&enforcer.names) = lock(&state)
+                *lock(&enforcer.names) = cache
+                    .state()
                     .instances
                     .values()
                     .filter_map(|v| {
@@ -395,7 +433,7 @@ pub async fn run(
 }
 
 fn build(
-    s: &State,
+    s: &crate::cache::State,
     local: &BTreeMap<String, (u32, Ipv4Addr)>,
     host: &[Ipv4Addr],
     default: DefaultPolicy,
@@ -480,82 +518,4 @@ fn apply(
         dp.bump_epoch()?;
     }
     Ok(())
-}
-
-/// List, then watch, one kind into the shared state; relists after a
-/// failed watch.
-async fn follow(
-    client: Client,
-    plural: &'static str,
-    state: Arc<Mutex<State>>,
-    enforcer: Arc<Enforcer>,
-) {
-    crate::list_and_watch(client, plural, move |change| {
-        {
-            let mut s = lock(&state);
-            match change {
-                crate::Change::Reset(items) => {
-                    clear(&mut s, plural);
-                    for v in items {
-                        put(&mut s, plural, v);
-                    }
-                }
-                crate::Change::Put(v) => put(&mut s, plural, v),
-                crate::Change::Delete(v) => remove(&mut s, plural, v),
-            }
-        }
-        enforcer.changed.notify_one();
-    })
-    .await;
-}
-
-fn clear(s: &mut State, plural: &str) {
-    match plural {
-        "namespaces" => s.namespaces.clear(),
-        "services" => s.services.clear(),
-        "instances" => s.instances.clear(),
-        kind => s
-            .policies
-            .retain(|k, _| !k.starts_with(&format!("{kind}:"))),
-    }
-}
-
-fn put(s: &mut State, plural: &str, v: &Value) {
-    let id = crate::id_of(v);
-    match plural {
-        "namespaces" => {
-            s.namespaces
-                .insert(crate::name_of(v), skiff_api::meta::labels_in(v));
-        }
-        "instances" => {
-            s.instances.insert(id, v.clone());
-        }
-        "services" => {
-            s.services.insert(id, cluster::service_ports(v));
-        }
-        kind => match cluster::policy(v) {
-            Some(rule) => {
-                s.policies.insert(format!("{kind}:{id}"), rule);
-            }
-            None => tracing::warn!(policy = %id, "A stored policy does not decode; ignoring it"),
-        },
-    }
-}
-
-fn remove(s: &mut State, plural: &str, v: &Value) {
-    let id = crate::id_of(v);
-    match plural {
-        "namespaces" => {
-            s.namespaces.remove(&crate::name_of(v));
-        }
-        "instances" => {
-            s.instances.remove(&id);
-        }
-        "services" => {
-            s.services.remove(&id);
-        }
-        kind => {
-            s.policies.remove(&format!("{kind}:{id}"));
-        }
-    }
 }

@@ -49,6 +49,33 @@ pub struct NodeStatus {
     /// Which resource limits the node enforces, and why not where it does not.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub runtime: Vec<String>,
+    /// What the node's sidecar proxies acknowledge having applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshStatus>,
+}
+
+/// A node's mesh acknowledgements: rollouts wait until every node's
+/// proxies have applied the revision of the change they made.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct MeshStatus {
+    /// Sidecar proxies on the node.
+    pub proxies: u32,
+    /// How many of them answered the last time they were asked.
+    pub answered: u32,
+    /// Per kind (`instances`, `routes`, …), the control plane revision
+    /// every answering proxy has applied (the lowest among them).
+    pub applied: BTreeMap<String, u64>,
+}
+
+impl Decode for MeshStatus {
+    fn decode(node: &Node, cx: &mut Cx) -> Option<Self> {
+        let m = cx.fields(node, &["proxies", "answered", "applied"])?;
+        Some(MeshStatus {
+            proxies: m.or_default(cx, "proxies"),
+            answered: m.or_default(cx, "answered"),
+            applied: m.or_default(cx, "applied"),
+        })
+    }
 }
 
 impl Decode for NodeSpec {
@@ -87,6 +114,7 @@ impl Decode for NodeStatus {
                 "generation",
                 "agentPort",
                 "runtime",
+                "mesh",
             ],
         )?;
         Some(NodeStatus {
@@ -97,6 +125,7 @@ impl Decode for NodeStatus {
             generation: m.or_default(cx, "generation"),
             agent_port: m.opt(cx, "agentPort"),
             runtime: m.or_default(cx, "runtime"),
+            mesh: m.opt(cx, "mesh"),
         })
     }
 }
@@ -303,6 +332,12 @@ impl Decode for RouteRule {
             m.check(cx, "backends", !b.is_empty(), || {
                 "a rule needs at least one backend".to_string()
             });
+            m.check(
+                cx,
+                "backends",
+                b.is_empty() || b.iter().any(|b| b.weight > 0),
+                || "every backend has weight 0; give at least one a weight above 0".to_string(),
+            );
         }
         Some(RouteRule {
             matches,

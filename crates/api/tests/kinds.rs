@@ -417,3 +417,18 @@ fn serialized_resources_read_back_identically() {
         );
     }
 }
+
+#[test]
+fn a_route_rule_sends_somewhere() {
+    assert_error(
+        "apiVersion: skiff.dev/v1\nkind: Route\nmetadata: {name: r}\nspec:\n  service: web\n  rules:\n    - backends: [{service: web, weight: 0}, {service: web-v2, weight: 0}]\n",
+        "spec.rules[0].backends: every backend has weight 0",
+    );
+    // 100/0 is a valid split (a canary at its start or end).
+    let Resource::Route(r) = one(
+        "apiVersion: skiff.dev/v1\nkind: Route\nmetadata: {name: r}\nspec:\n  service: web\n  rules:\n    - backends: [{service: web, weight: 100}, {service: web-v2, weight: 0}]\n",
+    ) else {
+        panic!("not a Route")
+    };
+    assert_eq!(r.spec.rules[0].backends[1].weight, 0);
+}

@@ -93,8 +93,21 @@ pub fn render(v: &Value) -> String {
             .unwrap_or_default();
         format!("{name} ({}, id {id})", t(&format!("/{e}/address")))
     };
+    // An L7 denial names the request, and the caller's identity.
+    let request = match v.get("http") {
+        Some(h) => {
+            let peer = h.get("peer").and_then(Value::as_str);
+            format!(
+                " ({} {}{})",
+                t("/http/method"),
+                t("/http/path"),
+                peer.map(|p| format!(" by {p}")).unwrap_or_default()
+            )
+        }
+        None => String::new(),
+    };
     format!(
-        "{} {:<12} {} -> {} {}/{} {}: {} [node {}]",
+        "{} {:<12} {} -> {} {}/{} {}: {}{request} [node {}]",
         t("/time"),
         t("/verdict"),
         end("src"),
@@ -121,6 +134,15 @@ mod tests {
         assert_eq!(
             render(&v),
             "2026-11-28T13:00:00Z denied       demo/bad-x (198.19.16.3, id 257) -> demo/server-y (198.19.17.2, id 256) 8080/TCP ingress: no policy allows [node n2]"
+        );
+        let l7 = json!({"time": "t", "node": "n1", "verdict": "denied", "direction": "ingress", "protocol": "HTTP", "port": 8080,
+            "src": {"address": "198.19.16.3", "identity": 0, "namespace": "demo", "instance": "web-x", "service": "web"},
+            "dst": {"address": "198.19.17.2", "identity": 0, "namespace": "demo", "instance": "db-y", "service": "db"},
+            "policy": "Policy demo/db-read", "http": {"method": "POST", "path": "/admin", "peer": "spiffe://skiff.local/ns/demo/sa/web"}});
+        assert!(
+            render(&l7).ends_with("8080/HTTP ingress: Policy demo/db-read (POST /admin by spiffe://skiff.local/ns/demo/sa/web) [node n1]"),
+            "{}",
+            render(&l7)
         );
         let outside = json!({"verdict": "denied", "src": {"address": "203.0.113.7", "identity": 2}, "dst": {}, "policy": "x"});
         assert!(render(&outside).contains("(outside) (203.0.113.7, id 2)"));

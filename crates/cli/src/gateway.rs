@@ -30,11 +30,9 @@ pub async fn run(
     let id = SpiffeId::new(trust_domain, NAMESPACE, ACCOUNT)?;
     let not_after = issue(&client, dir, &id).await?;
     let peers = dir.join("peers.json");
-    tokio::spawn(skiff_agent::runtime::mesh::follow_discovery(
-        client.clone(),
-        peers.clone(),
-        trust_domain.to_string(),
-    ));
+    let cache = skiff_agent::cache::Cache::follow(&client, &["instances", "services", "routes"]);
+    let discovery = skiff_agent::runtime::discovery::Discovery::new(peers.clone(), trust_domain);
+    tokio::spawn(discovery.follow(cache));
     let renew = {
         let dir = dir.to_path_buf();
         tokio::spawn(skiff_agent::runtime::mesh::renew_at_half_life(

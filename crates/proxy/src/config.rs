@@ -4,11 +4,12 @@
 //! identity parses.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use skiff_api::net::Cidr;
 use skiff_identity::SpiffeId;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,13 +104,69 @@ impl IdentityPattern {
     }
 }
 
-#[derive(Debug, Clone)]
+/// One allowing rule of L7 authorization (a `Policy` ingress rule): a
+/// request passes when some rule admits its peer, port, method and path.
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpRule {
     /// The policy this rule came from, named in denials.
     pub policy: String,
+    /// Empty: any method.
     pub methods: Vec<String>,
-    pub path_prefixes: Vec<String>,
+    /// Exact paths, or prefixes ending in `*`; empty: any path.
+    pub paths: Vec<String>,
+    /// Peers admitted by their verified identity.
     pub identities: Vec<IdentityPattern>,
+    /// Peers admitted by their address (a policy's `cidr` peers); with
+    /// `identities` empty too, any peer.
+    pub sources: Vec<Source>,
+    /// Destination port ranges (inclusive); empty: every port.
+    pub ports: Vec<(u16, u16)>,
+}
+
+impl HttpRule {
+    /// Whether the rule speaks for this peer on this port (its method and
+    /// path restrictions aside).
+    pub fn covers(&self, identity: Option<&SpiffeId>, addr: Option<IpAddr>, port: u16) -> bool {
+        let any_peer = self.identities.is_empty() && self.sources.is_empty();
+        let by_identity = identity.is_some_and(|id| self.identities.iter().any(|p| p.matches(id)));
+        let by_address = addr.is_some_and(|a| self.sources.iter().any(|s| s.contains(a)));
+        (any_peer || by_identity || by_address) && self.on_port(port)
+    }
+
+    pub fn on_port(&self, port: u16) -> bool {
+        self.ports.is_empty()
+            || self
+                .ports
+                .iter()
+                .any(|(lo, hi)| (*lo..=*hi).contains(&port))
+    }
+
+    /// Whether the rule's method and path restrictions admit a request.
+    pub fn admits(&self, method: &str, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| path_matches(p, path)))
+    }
+}
+
+/// A policy path: exact, or a prefix when it ends in `*`.
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => path.starts_with(prefix),
+        None => path == pattern,
+    }
+}
+
+/// Addresses in `cidr` but in none of `except`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    pub cidr: Cidr,
+    pub except: Vec<Cidr>,
+}
+
+impl Source {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.cidr.contains(ip) && !self.except.iter().any(|e| e.contains(ip))
+    }
 }
 
 /// A port the local application's outgoing traffic arrives on.
@@ -131,7 +188,7 @@ pub struct Outbound {
 
 /// Gateway API HTTPRoute semantics: the first rule whose match fits wins;
 /// its backends share requests in proportion to their weights.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub name: String,
     /// `name`, for metrics.
@@ -157,7 +214,7 @@ impl Route {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouteMatch {
     pub path_prefix: Option<String>,
     pub path_exact: Option<String>,
@@ -165,7 +222,7 @@ pub struct RouteMatch {
     pub headers: Vec<(String, String)>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
     /// Retries after the first attempt (0: never).
     pub attempts: u32,
@@ -183,7 +240,7 @@ impl Default for RetryPolicy {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub name: String,
     pub endpoints: Vec<EndpointConfig>,
@@ -291,9 +348,11 @@ fn detect() -> ListenerProtocol {
     ListenerProtocol::Detect
 }
 
+/// An L7 rule as files give it (the proxy config's `inbound[].http`, and
+/// the peers file's per-instance policy).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawHttpRule {
+pub(crate) struct RawHttpRule {
     policy: String,
     #[serde(default)]
     methods: Vec<String>,
@@ -301,6 +360,72 @@ struct RawHttpRule {
     paths: Vec<String>,
     #[serde(default)]
     identities: Vec<String>,
+    #[serde(default)]
+    sources: Vec<RawSource>,
+    /// `[first, last]` port ranges.
+    #[serde(default)]
+    ports: Vec<[u16; 2]>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawSource {
+    cidr: String,
+    #[serde(default)]
+    except: Vec<String>,
+}
+
+impl RawHttpRule {
+    /// The checked rule; errors name the field under `at`.
+    pub(crate) fn check(&self, at: &str) -> Result<HttpRule, String> {
+        let cidr = |field: String, s: &str| {
+            s.parse::<Cidr>()
+                .map_err(|e| format!("{field}: {s:?} is not an address range: {e}"))
+        };
+        let sources = self
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                Ok(Source {
+                    cidr: cidr(format!("{at}.sources[{k}].cidr"), &s.cidr)?,
+                    except: s
+                        .except
+                        .iter()
+                        .enumerate()
+                        .map(|(n, e)| cidr(format!("{at}.sources[{k}].except[{n}]"), e))
+                        .collect::<Result<_, String>>()?,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        for (k, p) in self.paths.iter().enumerate() {
+            if !p.starts_with('/') {
+                return Err(format!("{at}.paths[{k}]: {p:?} must start with '/'"));
+            }
+        }
+        for (k, [lo, hi]) in self.ports.iter().enumerate() {
+            if lo > hi {
+                return Err(format!("{at}.ports[{k}]: {lo} is above {hi}"));
+            }
+        }
+        Ok(HttpRule {
+            policy: self.policy.clone(),
+            methods: self
+                .methods
+                .iter()
+                .map(|m| m.to_ascii_uppercase())
+                .collect(),
+            paths: self.paths.clone(),
+            identities: self
+                .identities
+                .iter()
+                .enumerate()
+                .map(|(k, s)| pattern(s).map_err(|e| format!("{at}.identities[{k}]: {e}")))
+                .collect::<Result<_, String>>()?,
+            sources,
+            ports: self.ports.iter().map(|[lo, hi]| (*lo, *hi)).collect(),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,9 +443,69 @@ struct RawOutbound {
     routes: Vec<RawRoute>,
 }
 
+impl RawRoute {
+    /// The checked route, its backends numbered by `index` (which names
+    /// the field when a service is unknown); errors name fields under `at`.
+    pub(crate) fn check(
+        &self,
+        at: &str,
+        mut index: impl FnMut(&str, &str) -> Result<usize, String>,
+    ) -> Result<Route, String> {
+        if self.backends.is_empty() {
+            return Err(format!("{at}.backends: a route needs at least one backend"));
+        }
+        let backends = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(k, b)| {
+                Ok((
+                    index(&format!("{at}.backends[{k}].service"), &b.service)?,
+                    b.weight,
+                ))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if backends.iter().all(|(_, w)| *w == 0) {
+            return Err(format!("{at}.backends: every weight is 0"));
+        }
+        let matches = self
+            .matches
+            .iter()
+            .map(|m| RouteMatch {
+                path_prefix: m.path_prefix.clone(),
+                path_exact: m.path.clone(),
+                method: m.method.as_ref().map(|s| s.to_ascii_uppercase()),
+                headers: m
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                    .collect(),
+            })
+            .collect();
+        let retry = self
+            .retry
+            .as_ref()
+            .map(|r| RetryPolicy {
+                attempts: r.attempts,
+                non_idempotent: r.non_idempotent,
+            })
+            .unwrap_or_default();
+        Ok(Route {
+            name: self.name.clone(),
+            label: crate::metrics::Label::new(&self.name),
+            matches,
+            backends,
+            retry,
+            timeout: self.timeout_ms.map(Duration::from_millis),
+        })
+    }
+}
+
+/// A route as files give it (the proxy config's `outbound[].routes`, and
+/// the peers file's Routes per service).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawRoute {
+pub(crate) struct RawRoute {
     name: String,
     #[serde(default)]
     matches: Vec<RawMatch>,
@@ -455,53 +640,7 @@ impl RawConfig {
             let mut routes = Vec::new();
             for (j, r) in o.routes.iter().enumerate() {
                 let at = format!("outbound[{i}].routes[{j}]");
-                if r.backends.is_empty() {
-                    return Err(format!("{at}.backends: a route needs at least one backend"));
-                }
-                let backends = r
-                    .backends
-                    .iter()
-                    .enumerate()
-                    .map(|(k, b)| {
-                        Ok((
-                            index(&format!("{at}.backends[{k}].service"), &b.service)?,
-                            b.weight,
-                        ))
-                    })
-                    .collect::<Result<Vec<_>, String>>()?;
-                if backends.iter().all(|(_, w)| *w == 0) {
-                    return Err(format!("{at}.backends: every weight is 0"));
-                }
-                let matches = r
-                    .matches
-                    .iter()
-                    .map(|m| RouteMatch {
-                        path_prefix: m.path_prefix.clone(),
-                        path_exact: m.path.clone(),
-                        method: m.method.as_ref().map(|s| s.to_ascii_uppercase()),
-                        headers: m
-                            .headers
-                            .iter()
-                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                            .collect(),
-                    })
-                    .collect();
-                let retry = r
-                    .retry
-                    .as_ref()
-                    .map(|r| RetryPolicy {
-                        attempts: r.attempts,
-                        non_idempotent: r.non_idempotent,
-                    })
-                    .unwrap_or_default();
-                routes.push(Route {
-                    name: r.name.clone(),
-                    label: crate::metrics::Label::new(&r.name),
-                    matches,
-                    backends,
-                    retry,
-                    timeout: r.timeout_ms.map(Duration::from_millis),
-                });
+                routes.push(r.check(&at, |field, name| index(field, name))?);
             }
             let target = o
                 .target
@@ -561,17 +700,7 @@ impl RawConfig {
                     rules
                         .iter()
                         .enumerate()
-                        .map(|(k, r)| {
-                            Ok(HttpRule {
-                                policy: r.policy.clone(),
-                                methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
-                                path_prefixes: r.paths.clone(),
-                                identities: patterns(
-                                    format!("inbound[{i}].http[{k}].identities"),
-                                    &r.identities,
-                                )?,
-                            })
-                        })
+                        .map(|(k, r)| r.check(&format!("inbound[{i}].http[{k}]")))
                         .collect::<Result<Vec<_>, String>>()
                 })
                 .transpose()?;

@@ -1,6 +1,7 @@
 //! HTTP forwarding: routing, weighted backend choice, retries under a
 //! budget, timeouts, hop-by-hop header handling, upgrades, L7 authorization.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use skiff_identity::SpiffeId;
 
 use crate::balance::Outcome;
-use crate::config::{HttpRule, RetryPolicy, Route, RouteMatch};
+use crate::config::{HttpRule, RetryPolicy, Route, RouteMatch, Source};
 use crate::metrics::{EndpointLabels, Label, LatencyLabels, Metrics, RequestLabels, ServiceLabels};
 use crate::upstream::{Body, BoxError, Service};
 
@@ -31,10 +32,18 @@ pub struct Forwarder {
     pub passthrough: bool,
     pub services: Vec<Arc<Service>>,
     pub routes: Vec<Route>,
-    /// Where requests no route matches go.
+    /// Where requests no route matches go (`None`: 404).
     pub default_route: Option<Route>,
+    /// Where opaque (non-HTTP) connections go: an index into `services`.
+    pub tcp_service: Option<usize>,
     pub request_timeout: Duration,
+    /// L7 authorization (inbound): when present, a request must be
+    /// admitted by one rule.
     pub http_rules: Option<Vec<HttpRule>>,
+    /// Inbound: the port requests arrive for (rules' ports, denial records).
+    pub port: u16,
+    /// Inbound: sources a policy lets in without mTLS on this port.
+    pub plaintext: Vec<Source>,
     /// Inbound: never retry (the caller's proxy does).
     pub retries: bool,
     pub metrics: Arc<Metrics>,
@@ -45,12 +54,14 @@ pub struct Forwarder {
 pub struct Peer {
     pub identity: Option<SpiffeId>,
     pub tls: bool,
+    /// Where the connection came from (`None` in tests without sockets).
+    pub addr: Option<IpAddr>,
     /// The identity, or `none`, for metrics.
     pub label: Label,
 }
 
 impl Peer {
-    pub fn new(identity: Option<SpiffeId>, tls: bool) -> Peer {
+    pub fn new(identity: Option<SpiffeId>, tls: bool, addr: Option<IpAddr>) -> Peer {
         let label = Label::new(
             &identity
                 .as_ref()
@@ -59,6 +70,7 @@ impl Peer {
         Peer {
             identity,
             tls,
+            addr,
             label,
         }
     }
@@ -104,19 +116,23 @@ impl Forwarder {
         peer: &Peer,
     ) -> (Label, Label, Response<Body>) {
         if let Some(rules) = &self.http_rules
-            && let Err(denial) = authorize(
-                rules,
-                req.method(),
-                req.uri().path(),
-                peer.identity.as_ref(),
-            )
+            && let Err(denial) = authorize(rules, req.method(), req.uri().path(), peer, self.port)
         {
+            tracing::info!(peer = %peer.label, http.method = %req.method(), url.path = req.uri().path(), policy = %denial.policy, "Request denied by policy");
+            self.metrics.denials.record(serde_json::json!({
+                "peer": peer.identity.as_ref().map(ToString::to_string),
+                "address": peer.addr.map(|a| a.to_string()),
+                "port": self.port,
+                "method": req.method().as_str(),
+                "path": req.uri().path(),
+                "policy": denial.policy,
+            }));
             // One label for every denial: the message names the path and
             // peer, which must not become label values.
             return (
                 Label::new("denied"),
                 Label::default(),
-                text(StatusCode::FORBIDDEN, &denial),
+                text(StatusCode::FORBIDDEN, &denial.message),
             );
         }
         let Some(route) = pick_route(&self.routes, &req).or(self.default_route.as_ref()) else {
@@ -390,33 +406,48 @@ pub fn pick_weighted(backends: &[(usize, u32)], draw: u32) -> usize {
     backends.last().map_or(0, |(s, _)| *s)
 }
 
-/// L7 authorization: allowed when some rule admits the method, the path
-/// and the peer. The error names what was refused, for the 403 body.
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// The policies whose rules speak for the peer on this port (none of
+    /// which admits the request), or `no policy allows`.
+    pub policy: String,
+    /// For the 403 body.
+    pub message: String,
+}
+
+/// L7 authorization: allowed when some rule covering the peer and port
+/// admits the method and path.
 pub fn authorize(
     rules: &[HttpRule],
     method: &Method,
     path: &str,
-    peer: Option<&SpiffeId>,
-) -> Result<(), String> {
-    let admits = |r: &HttpRule| {
-        (r.methods.is_empty() || r.methods.iter().any(|m| m == method.as_str()))
-            && (r.path_prefixes.is_empty()
-                || r.path_prefixes.iter().any(|p| path.starts_with(p.as_str())))
-            && (r.identities.is_empty()
-                || peer.is_some_and(|id| r.identities.iter().any(|p| p.matches(id))))
-    };
-    if rules.iter().any(admits) {
+    peer: &Peer,
+    port: u16,
+) -> Result<(), Denial> {
+    let covering: Vec<&HttpRule> = rules
+        .iter()
+        .filter(|r| r.covers(peer.identity.as_ref(), peer.addr, port))
+        .collect();
+    if covering.iter().any(|r| r.admits(method.as_str(), path)) {
         return Ok(());
     }
-    let who = peer.map_or_else(
-        || "an unauthenticated peer".to_string(),
-        ToString::to_string,
-    );
-    let policies: Vec<&str> = rules.iter().map(|r| r.policy.as_str()).collect();
-    Err(format!(
-        "denied by policy: {method} {path} from {who} matches no rule of {}",
+    let who = match (&peer.identity, peer.addr) {
+        (Some(id), _) => id.to_string(),
+        (None, Some(addr)) => format!("unauthenticated {addr}"),
+        (None, None) => "an unauthenticated peer".to_string(),
+    };
+    let mut policies: Vec<&str> = covering.iter().map(|r| r.policy.as_str()).collect();
+    policies.dedup();
+    let policy = if policies.is_empty() {
+        "no policy allows".to_string()
+    } else {
         policies.join(", ")
-    ))
+    };
+    Err(Denial {
+        message: format!("denied by {policy}: {method} {path} from {who}\n"),
+        policy,
+    })
 }
 
 /// Methods RFC 9110 calls idempotent: sending them twice does no harm.
@@ -600,17 +631,60 @@ mod tests {
     #[test]
     fn authorization_needs_a_rule_admitting_method_path_and_peer() {
         let web: SpiffeId = "spiffe://td/ns/shop/sa/web".parse().unwrap();
-        let rules = vec![HttpRule {
-            policy: "shop/read-only".into(),
-            methods: vec!["GET".into()],
-            path_prefixes: vec!["/items".into()],
-            identities: vec![IdentityPattern::Exact(web.clone())],
-        }];
-        assert!(authorize(&rules, &Method::GET, "/items/1", Some(&web)).is_ok());
-        let denied = authorize(&rules, &Method::POST, "/items/1", Some(&web)).unwrap_err();
-        assert!(denied.contains("shop/read-only"), "{denied}");
-        assert!(authorize(&rules, &Method::GET, "/admin", Some(&web)).is_err());
-        assert!(authorize(&rules, &Method::GET, "/items", None).is_err());
+        let rules = vec![
+            HttpRule {
+                policy: "Policy shop/read-only".into(),
+                methods: vec!["GET".into()],
+                paths: vec!["/items/*".into(), "/health".into()],
+                identities: vec![IdentityPattern::Exact(web.clone())],
+                sources: Vec::new(),
+                ports: vec![(8080, 8080)],
+            },
+            HttpRule {
+                policy: "Policy shop/probes".into(),
+                methods: vec!["GET".into()],
+                paths: vec!["/health".into()],
+                identities: Vec::new(),
+                sources: vec![Source {
+                    cidr: "10.0.0.0/8".parse().unwrap(),
+                    except: vec!["10.9.0.0/16".parse().unwrap()],
+                }],
+                ports: Vec::new(),
+            },
+        ];
+        let from_web = Peer::new(Some(web.clone()), true, None);
+        let ok =
+            |m: &Method, path: &str, peer: &Peer, port: u16| authorize(&rules, m, path, peer, port);
+        assert!(ok(&Method::GET, "/items/1", &from_web, 8080).is_ok());
+        let denied = ok(&Method::POST, "/items/1", &from_web, 8080).unwrap_err();
+        assert_eq!(denied.policy, "Policy shop/read-only");
+        assert!(
+            denied.message.contains("POST /items/1"),
+            "{}",
+            denied.message
+        );
+        // Exact paths are exact; prefixes end in `*`.
+        assert!(ok(&Method::GET, "/health", &from_web, 8080).is_ok());
+        assert!(ok(&Method::GET, "/health/deep", &from_web, 8080).is_err());
+        assert!(ok(&Method::GET, "/items", &from_web, 8080).is_err());
+        // Another port: no rule speaks for web there.
+        let elsewhere = ok(&Method::GET, "/items/1", &from_web, 9090).unwrap_err();
+        assert_eq!(elsewhere.policy, "no policy allows");
+        // Without an identity, only the address can admit a peer.
+        assert!(
+            ok(
+                &Method::GET,
+                "/items/1",
+                &Peer::new(None, false, None),
+                8080
+            )
+            .is_err()
+        );
+        let probe = Peer::new(None, false, Some("10.1.2.3".parse().unwrap()));
+        assert!(ok(&Method::GET, "/health", &probe, 9090).is_ok());
+        assert!(ok(&Method::GET, "/items/1", &probe, 8080).is_err());
+        let excepted = Peer::new(None, false, Some("10.9.0.1".parse().unwrap()));
+        assert!(ok(&Method::GET, "/health", &excepted, 9090).is_err());
     }
 
     #[test]

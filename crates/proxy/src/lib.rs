@@ -127,8 +127,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 default_route: o
                     .default_service
                     .map(|s| Route::to_service(&config.services[s].name, s)),
+                tcp_service: o.default_service,
                 request_timeout: config.timeouts.request,
                 http_rules: None,
+                port: o.listen.port(),
+                plaintext: Vec::new(),
                 retries: true,
                 metrics: metrics.clone(),
             }))
@@ -179,8 +182,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     services: vec![service],
                     routes: Vec::new(),
                     default_route: Some(Route::to_service(&app.name, 0)),
+                    tcp_service: Some(0),
                     request_timeout: config.timeouts.request,
                     http_rules: i.http_rules.clone(),
+                    port: app_addr.port(),
+                    plaintext: Vec::new(),
                     retries: false,
                     metrics: metrics.clone(),
                 }))
@@ -228,32 +234,47 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 /// How often the peers file is checked for changes (its size and mtime).
 const PEERS_POLL: Duration = Duration::from_millis(200);
 
-/// Keeps `peers` equal to the file's contents. A file that does not parse
-/// leaves the table as it was.
+/// Keeps `peers` equal to the file's contents: loads it now (so the
+/// proxy is never ready without the policy its peers file gives), then
+/// whenever it changes. A file that does not parse leaves the table as it
+/// was.
 fn spawn_peers_reload(path: std::path::PathBuf, peers: Arc<std::sync::RwLock<transparent::Peers>>) {
+    let mut last = reload_peers(&path, &peers, None);
     tokio::spawn(async move {
-        let mut last = None;
         loop {
-            let stamp = std::fs::metadata(&path)
-                .ok()
-                .map(|m| (m.len(), m.modified().ok()));
-            if stamp != last {
-                match transparent::load_peers(&path) {
-                    Ok(table) => {
-                        tracing::info!(
-                            peers = table.table.len(),
-                            version = table.version,
-                            "Peers table loaded"
-                        );
-                        *peers.write().unwrap_or_else(|p| p.into_inner()) = table;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Peers file unusable; keeping the previous table")
-                    }
-                }
-                last = stamp;
-            }
             tokio::time::sleep(PEERS_POLL).await;
+            last = reload_peers(&path, &peers, last);
         }
     });
+}
+
+/// The file's size and modification time, which say whether it changed.
+type Stamp = Option<(u64, Option<std::time::SystemTime>)>;
+
+/// Loads the peers file into `peers` if its stamp differs from `last`;
+/// returns the stamp seen.
+fn reload_peers(
+    path: &std::path::Path,
+    peers: &std::sync::RwLock<transparent::Peers>,
+    last: Stamp,
+) -> Stamp {
+    let stamp = std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.len(), m.modified().ok()));
+    if stamp != last {
+        match transparent::load_peers(path) {
+            Ok(table) => {
+                tracing::info!(
+                    peers = table.table.len(),
+                    version = table.version,
+                    "Peers table loaded"
+                );
+                *peers.write().unwrap_or_else(|p| p.into_inner()) = table;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Peers file unusable; keeping the previous table")
+            }
+        }
+    }
+    stamp
 }

@@ -19,6 +19,51 @@ pub struct Metrics {
     pub retries_refused: Family<ServiceLabels, Counter>,
     pub ejections: Family<EndpointLabels, Counter>,
     pub cert_expiry: Gauge,
+    /// Recent L7 denials, for `skiff flows` (not Prometheus).
+    pub denials: Denials,
+}
+
+/// Denials kept for collection; older ones are counted as lost.
+const KEPT_DENIALS: usize = 1024;
+
+/// Recent L7 denials, numbered from 1. The agent collects them with
+/// `/denials?after=N` and merges them into the node's flow records.
+#[derive(Debug, Default)]
+pub struct Denials {
+    inner: std::sync::Mutex<(u64, std::collections::VecDeque<serde_json::Value>)>,
+}
+
+impl Denials {
+    /// Keeps one denial record, numbered and timed.
+    pub fn record(&self, mut denial: serde_json::Value) {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, kept) = &mut *guard;
+        *last += 1;
+        denial["seq"] = (*last).into();
+        denial["time"] = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+            .into();
+        if kept.len() == KEPT_DENIALS {
+            kept.pop_front();
+        }
+        kept.push_back(denial);
+    }
+
+    /// `{"next": N, "lost": L, "denials": [...]}`: the denials numbered
+    /// after `after`, the number to ask after next time, and how many in
+    /// between are no longer kept.
+    pub fn after(&self, after: u64) -> serde_json::Value {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, kept) = &*guard;
+        let first_kept = last + 1 - kept.len() as u64;
+        let lost = first_kept.saturating_sub(after + 1);
+        let denials: Vec<&serde_json::Value> = kept
+            .iter()
+            .filter(|d| d["seq"].as_u64().is_some_and(|s| s > after))
+            .collect();
+        serde_json::json!({"next": last, "lost": lost, "denials": denials})
+    }
 }
 
 /// A label value made once (per route, service, endpoint or connection)
@@ -147,6 +192,7 @@ impl Metrics {
             retries_refused,
             ejections,
             cert_expiry,
+            denials: Denials::default(),
         }
     }
 
@@ -162,5 +208,42 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denials_are_numbered_and_read_after_a_number_and_losses_counted() {
+        let d = Denials::default();
+        for i in 0..(KEPT_DENIALS + 5) {
+            d.record(serde_json::json!({"path": format!("/{i}")}));
+        }
+        let all = d.after(0);
+        assert_eq!(all["next"], (KEPT_DENIALS + 5) as u64);
+        assert_eq!(all["lost"], 5);
+        assert_eq!(all["denials"].as_array().unwrap().len(), KEPT_DENIALS);
+        let tail = d.after(KEPT_DENIALS as u64 + 3);
+        assert_eq!(tail["lost"], 0);
+        let paths: Vec<&str> = tail["denials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                format!("/{}", KEPT_DENIALS + 3),
+                format!("/{}", KEPT_DENIALS + 4)
+            ]
+        );
+        assert!(
+            tail["denials"][0]["time"]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z'))
+        );
     }
 }

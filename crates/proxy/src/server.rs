@@ -66,8 +66,8 @@ pub async fn serve(socket: TcpListener, listener: Arc<Listener>, mut drain: watc
                 let listener = listener.clone();
                 let drain = drain.clone();
                 tokio::spawn(async move {
-                    let forwarder = match &listener.targets {
-                        Targets::Fixed(f) => f.clone(),
+                    let dst = match &listener.targets {
+                        Targets::Fixed(_) => None,
                         Targets::Named { via, service, port } => {
                             let vip = via
                                 .peers
@@ -76,31 +76,31 @@ pub async fn serve(socket: TcpListener, listener: Arc<Listener>, mut drain: watc
                                 .by_name
                                 .get(service)
                                 .copied();
-                            match vip.map(|ip| via.forwarder(std::net::SocketAddr::new(ip, *port)))
-                            {
-                                Some(Ok(f)) => f,
-                                Some(Err(e)) => {
-                                    tracing::info!(client.addr = %client, error = %e, "Connection refused");
-                                    return;
-                                }
-                                None => {
-                                    tracing::info!(client.addr = %client, service = %service, "No such service in the mesh (yet); connection refused");
-                                    return;
-                                }
-                            }
+                            let Some(vip) = vip else {
+                                tracing::info!(client.addr = %client, service = %service, "No such service in the mesh (yet); connection refused");
+                                return;
+                            };
+                            Some(SocketAddr::new(vip, *port))
                         }
-                        Targets::Transparent(t) => match original_dst(&tcp)
-                            .map_err(|e| e.to_string())
-                            .and_then(|dst| t.forwarder(dst))
-                        {
-                            Ok(f) => f,
+                        Targets::Transparent(_) => match original_dst(&tcp) {
+                            Ok(dst) => Some(dst),
                             Err(e) => {
                                 tracing::info!(client.addr = %client, error = %e, "Redirected connection refused");
                                 return;
                             }
                         },
                     };
-                    if let Err(e) = listener.connection(tcp, &forwarder, drain).await {
+                    let forwarder = match listener.forwarder(dst) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::info!(client.addr = %client, error = %e, "Connection refused");
+                            return;
+                        }
+                    };
+                    if let Err(e) = listener
+                        .connection(tcp, client, dst, &forwarder, drain)
+                        .await
+                    {
                         tracing::debug!(client.addr = %client, error = %e, "Connection ended with an error");
                     }
                 });
@@ -115,9 +115,24 @@ pub async fn serve(socket: TcpListener, listener: Arc<Listener>, mut drain: watc
 }
 
 impl Listener {
+    /// Where connections (or requests) headed to `dst` go now: per
+    /// destination for transparent and named targets, kept while the
+    /// peers table leaves it unchanged.
+    fn forwarder(&self, dst: Option<SocketAddr>) -> Result<Arc<Forwarder>, String> {
+        match (&self.targets, dst) {
+            (Targets::Fixed(f), _) => Ok(f.clone()),
+            (Targets::Transparent(via) | Targets::Named { via, .. }, Some(dst)) => {
+                via.forwarder(dst)
+            }
+            (_, None) => Err("no destination".to_string()),
+        }
+    }
+
     async fn connection(
-        &self,
+        self: &Arc<Self>,
         mut tcp: TcpStream,
+        client: SocketAddr,
+        dst: Option<SocketAddr>,
         forwarder: &Arc<Forwarder>,
         drain: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
@@ -128,14 +143,19 @@ impl Listener {
             _ => sniff(&mut tcp, self.detect_timeout).await?,
         };
         let io = Prefixed::new(prefix, tcp);
+        let plain = Peer::new(None, false, Some(client.ip()));
         let Some(identity) = &self.tls else {
-            let peer = Peer::new(None, false);
-            return self.application(io, protocol, peer, forwarder, drain).await;
+            return self
+                .application(io, protocol, plain, dst, forwarder, drain)
+                .await;
         };
         if protocol != Protocol::Tls {
-            if self.allow_plaintext {
-                let peer = Peer::new(None, false);
-                return self.application(io, protocol, peer, forwarder, drain).await;
+            // Plaintext only where the config or a policy's `cidr` peer
+            // says so.
+            if self.allow_plaintext || forwarder.plaintext.iter().any(|s| s.contains(client.ip())) {
+                return self
+                    .application(io, protocol, plain, dst, forwarder, drain)
+                    .await;
             }
             self.count(direction, "refused", false, "none");
             tracing::info!("Plaintext connection to a meshed port refused");
@@ -180,17 +200,25 @@ impl Listener {
             ListenerProtocol::Tcp => (Protocol::Opaque, bytes::Bytes::new()),
             _ => sniff(&mut tls, self.detect_timeout).await?,
         };
-        let peer = Peer::new(peer_id, true);
-        self.application(Prefixed::new(prefix, tls), inner, peer, forwarder, drain)
-            .await
+        let peer = Peer::new(peer_id, true, Some(client.ip()));
+        self.application(
+            Prefixed::new(prefix, tls),
+            inner,
+            peer,
+            dst,
+            forwarder,
+            drain,
+        )
+        .await
     }
 
     /// The decrypted (or plain) application stream.
     async fn application<T>(
-        &self,
+        self: &Arc<Self>,
         io: T,
         protocol: Protocol,
         peer: Peer,
+        dst: Option<SocketAddr>,
         forwarder: &Arc<Forwarder>,
         drain: watch::Receiver<bool>,
     ) -> std::io::Result<()>
@@ -207,7 +235,7 @@ impl Listener {
         };
         self.count(direction, name, peer.tls, &peer.label.to_string());
         if http {
-            serve_http(io, forwarder.clone(), peer, drain).await;
+            serve_http(io, self.clone(), dst, forwarder.clone(), peer, drain).await;
             Ok(())
         } else {
             opaque(io, forwarder).await
@@ -233,10 +261,12 @@ async fn opaque<T: AsyncRead + AsyncWrite + Unpin>(
     mut io: T,
     forwarder: &Forwarder,
 ) -> std::io::Result<()> {
-    let Some(route) = &forwarder.default_route else {
+    let Some(service) = forwarder
+        .tcp_service
+        .and_then(|s| forwarder.services.get(s))
+    else {
         return Ok(());
     };
-    let service = &forwarder.services[route.backends[0].0];
     let mut tried = Vec::new();
     let mut upstream = loop {
         let Some(i) = service.pick(&tried) else {
@@ -264,16 +294,24 @@ async fn opaque<T: AsyncRead + AsyncWrite + Unpin>(
         .map(|_| ())
 }
 
+/// Serves HTTP on a connection. Each request goes to the destination's
+/// forwarder as it is when the request arrives, so a kept-alive connection
+/// follows routes and policy as they change.
 async fn serve_http<T>(
     io: T,
-    forwarder: Arc<Forwarder>,
+    listener: Arc<Listener>,
+    dst: Option<SocketAddr>,
+    first: Arc<Forwarder>,
     peer: Peer,
     mut drain: watch::Receiver<bool>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req| {
-        let forwarder = forwarder.clone();
+        let forwarder = match dst {
+            Some(_) => listener.forwarder(dst).unwrap_or_else(|_| first.clone()),
+            None => first.clone(),
+        };
         let peer = peer.clone();
         async move { Ok::<_, std::convert::Infallible>(forwarder.handle(req, peer).await) }
     });
@@ -298,8 +336,10 @@ async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
 }
 
-/// The admin endpoint: `/live`, `/ready`, `/metrics`, and `/peers` (the
-/// peers table this proxy applied, with its version).
+/// The admin endpoint: `/live`, `/ready`, `/metrics`, `/peers` (the
+/// peers table this proxy applied: its version and the control plane
+/// revisions it reflects, which the agent reports as acknowledgements),
+/// and `/denials?after=N` (L7 denials numbered after N, for `skiff flows`).
 pub async fn serve_admin(
     socket: TcpListener,
     ready: watch::Receiver<bool>,
@@ -332,9 +372,19 @@ pub async fn serve_admin(
                                 .to_json()
                                 .to_string(),
                         ),
+                        "/denials" => {
+                            let after = req
+                                .uri()
+                                .query()
+                                .and_then(|q| q.strip_prefix("after="))
+                                .and_then(|n| n.parse().ok())
+                                .unwrap_or(0);
+                            (200, metrics.denials.after(after).to_string())
+                        }
                         _ => (
                             404,
-                            "not found: try /live, /ready, /metrics or /peers\n".to_string(),
+                            "not found: try /live, /ready, /metrics, /peers or /denials\n"
+                                .to_string(),
                         ),
                     };
                     let mut resp =

@@ -5,7 +5,7 @@
 //! the peers table names is a meshed instance and gets mTLS to the identity
 //! listed; any other gets plain TCP, as it would without the proxy.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use skiff_identity::SpiffeId;
 use tokio::net::TcpStream;
 
-use crate::config::{EndpointConfig, HttpRule, Route, ServiceConfig, Timeouts};
+use crate::config::{
+    EndpointConfig, HttpRule, RawHttpRule, RawRoute, Route, ServiceConfig, Source, Timeouts,
+};
 use crate::http::Forwarder;
 use crate::metrics::Metrics;
 use crate::tls::Identity;
@@ -31,6 +33,32 @@ pub struct Peers {
     pub services: HashMap<IpAddr, VirtualService>,
     /// `namespace/name` → virtual address, for DNS.
     pub by_name: HashMap<String, IpAddr>,
+    /// Routes (the `Route` kind) by the service (`namespace/name`) whose
+    /// virtual address they govern.
+    pub routes: HashMap<String, ServiceRoutes>,
+    /// Network policy the inbound side enforces, by local instance address.
+    pub inbound: HashMap<IpAddr, InboundPolicy>,
+    /// The control plane's revision of each kind this table reflects.
+    pub revisions: BTreeMap<String, u64>,
+}
+
+/// One service's routes; their backends number into `backends`, whose
+/// first entry is the service itself (for opaque connections).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceRoutes {
+    pub backends: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+/// What policy asks of one local instance's inbound side.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InboundPolicy {
+    /// L7 authorization, when some policy selecting the instance has
+    /// `http` rules: then every request must be admitted by a rule.
+    pub http: Option<Vec<HttpRule>>,
+    /// Sources policy lets in (a `cidr` peer): they may connect without
+    /// mTLS, on the rules' ports.
+    pub plaintext: Vec<HttpRule>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +87,14 @@ impl Peers {
                 )
             })
             .collect();
-        serde_json::json!({ "version": self.version, "peers": table, "services": services })
+        serde_json::json!({
+            "version": self.version,
+            "revisions": self.revisions,
+            "peers": table,
+            "services": services,
+            "routes": self.routes.len(),
+            "inbound": self.inbound.len(),
+        })
     }
 }
 
@@ -119,11 +154,74 @@ pub fn load_peers(path: &Path) -> Result<Peers, String> {
         .iter()
         .map(|(vip, s)| (s.name.clone(), *vip))
         .collect();
+    let section = |name: &str| {
+        doc.get(name)
+            .and_then(|v| v.as_object())
+            .into_iter()
+            .flatten()
+    };
+    let mut routes = HashMap::new();
+    for (service, list) in section("routes") {
+        let at = format!("{at}: routes.{service}");
+        let raw: Vec<RawRoute> =
+            serde_json::from_value(list.clone()).map_err(|e| format!("{at}: {e}"))?;
+        let mut backends = vec![service.clone()];
+        let mut checked = Vec::new();
+        for (i, r) in raw.iter().enumerate() {
+            checked.push(r.check(&format!("{at}[{i}]"), |_, name| {
+                Ok(match backends.iter().position(|b| b == name) {
+                    Some(k) => k,
+                    None => {
+                        backends.push(name.to_string());
+                        backends.len() - 1
+                    }
+                })
+            })?);
+        }
+        routes.insert(
+            service.clone(),
+            ServiceRoutes {
+                backends,
+                routes: checked,
+            },
+        );
+    }
+    let mut inbound = HashMap::new();
+    for (ip, policy) in section("inbound") {
+        let at = format!("{at}: inbound.{ip}");
+        let addr: IpAddr = ip.parse().map_err(|e| format!("{at}: {e}"))?;
+        let rules = |field: &str| -> Result<Option<Vec<HttpRule>>, String> {
+            let Some(list) = policy.get(field).filter(|v| !v.is_null()) else {
+                return Ok(None);
+            };
+            let raw: Vec<RawHttpRule> =
+                serde_json::from_value(list.clone()).map_err(|e| format!("{at}.{field}: {e}"))?;
+            raw.iter()
+                .enumerate()
+                .map(|(k, r)| r.check(&format!("{at}.{field}[{k}]")))
+                .collect::<Result<Vec<_>, String>>()
+                .map(Some)
+        };
+        inbound.insert(
+            addr,
+            InboundPolicy {
+                http: rules("http")?,
+                plaintext: rules("plaintext")?.unwrap_or_default(),
+            },
+        );
+    }
+    let revisions = doc
+        .get("revisions")
+        .and_then(|r| serde_json::from_value(r.clone()).ok())
+        .unwrap_or_default();
     Ok(Peers {
         version,
         table,
         services,
         by_name,
+        routes,
+        inbound,
+        revisions,
     })
 }
 
@@ -148,12 +246,36 @@ pub struct Transparent {
     pub peers: Arc<RwLock<Peers>>,
     pub identity: Option<Arc<Identity>>,
     pub timeouts: Timeouts,
+    /// L7 rules from the proxy's own config, for destinations the peers
+    /// table has no policy for.
     pub http_rules: Option<Vec<HttpRule>>,
     pub metrics: Arc<Metrics>,
     /// The listener's own address: a connection made straight to it (not
     /// redirected) would loop.
     pub own: SocketAddr,
-    cache: Mutex<HashMap<SocketAddr, Arc<Forwarder>>>,
+    cache: Mutex<HashMap<SocketAddr, Cached>>,
+}
+
+/// A destination's forwarder, the plan it was made from, and the peers
+/// version the plan was checked against.
+#[derive(Debug)]
+struct Cached {
+    version: u64,
+    plan: Plan,
+    forwarder: Arc<Forwarder>,
+}
+
+/// What a destination's forwarder is made from. While the plan stays the
+/// same (across peers versions), so does the forwarder, with its pools
+/// and balancer statistics.
+#[derive(Debug, Clone, PartialEq)]
+struct Plan {
+    passthrough: bool,
+    services: Vec<ServiceConfig>,
+    routes: Vec<Route>,
+    default_route: Option<Route>,
+    http_rules: Option<Vec<HttpRule>>,
+    plaintext: Vec<Source>,
 }
 
 impl Transparent {
@@ -179,7 +301,7 @@ impl Transparent {
     }
 
     /// The forwarder for connections headed to `dst`, made on first use and
-    /// kept while the destination's identity stays the same.
+    /// kept while what it is made from stays the same.
     pub fn forwarder(&self, dst: SocketAddr) -> Result<Arc<Forwarder>, String> {
         if dst.port() == self.own.port()
             && (dst.ip() == self.own.ip() || self.own.ip().is_unspecified())
@@ -188,71 +310,40 @@ impl Transparent {
                 "{dst} is this listener: connections must arrive redirected"
             ));
         }
-        let (name, endpoints, passthrough) = if self.direction == "inbound" {
-            let app = SocketAddr::from(([127, 0, 0, 1], dst.port()));
-            (
-                app.to_string(),
-                vec![EndpointConfig {
-                    addr: app,
-                    identity: None,
-                }],
-                false,
-            )
-        } else {
-            let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
-            match peers.services.get(&dst.ip()) {
-                // A virtual address: balance over the service's instances.
-                Some(vs) => (
-                    vs.name.clone(),
-                    vs.endpoints
-                        .iter()
-                        .map(|ip| EndpointConfig {
-                            addr: SocketAddr::new(*ip, dst.port()),
-                            identity: peers.table.get(ip).cloned(),
-                        })
-                        .collect(),
-                    false,
-                ),
-                None => {
-                    let identity = peers.table.get(&dst.ip()).cloned();
-                    let name = identity.as_ref().map_or_else(
-                        || dst.to_string(),
-                        |id| format!("{}/{}", id.namespace, id.service_account),
-                    );
-                    let passthrough = identity.is_none();
-                    (
-                        name,
-                        vec![EndpointConfig {
-                            addr: dst,
-                            identity,
-                        }],
-                        passthrough,
-                    )
-                }
-            }
-        };
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = cache.get(&dst)
-            && same_endpoints(&f.services[0], &endpoints)
+        if let Some(c) = cache.get(&dst)
+            && c.version == peers.version
         {
-            return Ok(f.clone());
+            return Ok(c.forwarder.clone());
         }
-        let service = Service::new(
-            &ServiceConfig {
-                name: name.clone(),
-                endpoints,
-            },
-            self.identity.as_ref(),
-            self.timeouts.connect,
-        )?;
+        let plan = if self.direction == "inbound" {
+            self.inbound_plan(&peers, dst)
+        } else {
+            outbound_plan(&peers, dst)
+        };
+        if let Some(c) = cache.get_mut(&dst)
+            && c.plan == plan
+        {
+            c.version = peers.version;
+            return Ok(c.forwarder.clone());
+        }
+        let services = plan
+            .services
+            .iter()
+            .map(|s| Service::new(s, self.identity.as_ref(), self.timeouts.connect).map(Arc::new))
+            .collect::<Result<Vec<_>, String>>()?;
         let forwarder = Arc::new(Forwarder {
             direction: self.direction,
-            passthrough,
-            services: vec![Arc::new(service)],
-            routes: Vec::new(),
-            default_route: Some(Route::to_service(&name, 0)),
+            passthrough: plan.passthrough,
+            services,
+            routes: plan.routes.clone(),
+            default_route: plan.default_route.clone(),
+            tcp_service: Some(0),
             request_timeout: self.timeouts.request,
-            http_rules: self.http_rules.clone(),
+            http_rules: plan.http_rules.clone(),
+            port: dst.port(),
+            plaintext: plan.plaintext.clone(),
             retries: self.direction == "outbound",
             metrics: self.metrics.clone(),
         });
@@ -261,25 +352,223 @@ impl Transparent {
         if cache.len() >= MAX_CACHED {
             cache.clear();
         }
-        cache.insert(dst, forwarder.clone());
+        cache.insert(
+            dst,
+            Cached {
+                version: peers.version,
+                plan,
+                forwarder: forwarder.clone(),
+            },
+        );
         Ok(forwarder)
+    }
+
+    /// To the app on 127.0.0.1 at the original port, under the policy
+    /// the peers table gives for the instance's address (else the
+    /// config's rules).
+    fn inbound_plan(&self, peers: &Peers, dst: SocketAddr) -> Plan {
+        let app = SocketAddr::from(([127, 0, 0, 1], dst.port()));
+        let policy = peers.inbound.get(&dst.ip());
+        let on_port = |rules: &[HttpRule]| -> Vec<HttpRule> {
+            rules
+                .iter()
+                .filter(|r| r.on_port(dst.port()))
+                .cloned()
+                .collect()
+        };
+        let http_rules = match policy {
+            Some(p) => p.http.as_deref().map(on_port),
+            None => self.http_rules.clone(),
+        };
+        let plaintext = policy
+            .map(|p| {
+                on_port(&p.plaintext)
+                    .into_iter()
+                    .flat_map(|r| r.sources)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Plan {
+            passthrough: false,
+            services: vec![ServiceConfig {
+                name: app.to_string(),
+                endpoints: vec![EndpointConfig {
+                    addr: app,
+                    identity: None,
+                }],
+            }],
+            routes: Vec::new(),
+            default_route: Some(Route::to_service(&app.to_string(), 0)),
+            http_rules,
+            plaintext,
+        }
     }
 }
 
-/// Whether a cached service still has exactly these endpoints (a change
-/// makes a new one: fresh balancer statistics and pools).
-fn same_endpoints(service: &Service, endpoints: &[EndpointConfig]) -> bool {
-    service.endpoints.len() == endpoints.len()
-        && service
-            .endpoints
+/// A virtual address: balanced over the service's ready instances, under
+/// its Routes when it has some. A meshed instance's address: mTLS to it.
+/// Anything else: passed through.
+fn outbound_plan(peers: &Peers, dst: SocketAddr) -> Plan {
+    let endpoints = |name: &str| -> Vec<EndpointConfig> {
+        let Some(vs) = peers
+            .by_name
+            .get(name)
+            .and_then(|vip| peers.services.get(vip))
+        else {
+            return Vec::new();
+        };
+        vs.endpoints
             .iter()
-            .zip(endpoints)
-            .all(|(have, want)| have.addr == want.addr && have.identity == want.identity)
+            .map(|ip| EndpointConfig {
+                addr: SocketAddr::new(*ip, dst.port()),
+                identity: peers.table.get(ip).cloned(),
+            })
+            .collect()
+    };
+    let plan = |passthrough, services, routes, default_route| Plan {
+        passthrough,
+        services,
+        routes,
+        default_route,
+        http_rules: None,
+        plaintext: Vec::new(),
+    };
+    if let Some(vs) = peers.services.get(&dst.ip()) {
+        if let Some(r) = peers.routes.get(&vs.name) {
+            let services = r
+                .backends
+                .iter()
+                .map(|name| ServiceConfig {
+                    name: name.clone(),
+                    endpoints: endpoints(name),
+                })
+                .collect();
+            // Gateway API: a request no rule matches gets 404.
+            return plan(false, services, r.routes.clone(), None);
+        }
+        let service = ServiceConfig {
+            name: vs.name.clone(),
+            endpoints: endpoints(&vs.name),
+        };
+        let default = Route::to_service(&vs.name, 0);
+        return plan(false, vec![service], Vec::new(), Some(default));
+    }
+    let identity = peers.table.get(&dst.ip()).cloned();
+    let name = identity.as_ref().map_or_else(
+        || dst.to_string(),
+        |id| format!("{}/{}", id.namespace, id.service_account),
+    );
+    let passthrough = identity.is_none();
+    let service = ServiceConfig {
+        name: name.clone(),
+        endpoints: vec![EndpointConfig {
+            addr: dst,
+            identity,
+        }],
+    };
+    plan(
+        passthrough,
+        vec![service],
+        Vec::new(),
+        Some(Route::to_service(&name, 0)),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peers(text: serde_json::Value) -> Peers {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peers.json");
+        std::fs::write(&path, text.to_string()).unwrap();
+        load_peers(&path).unwrap()
+    }
+
+    fn shop(version: u64, canary_weight: u32) -> Peers {
+        peers(serde_json::json!({
+            "version": version,
+            // No identities: this proxy has none to speak mTLS with.
+            "peers": {},
+            "services": {
+                "198.18.128.2": {"name": "shop/web", "endpoints": ["198.19.17.2"]},
+                "198.18.128.3": {"name": "shop/web-v2", "endpoints": ["198.19.17.4"]},
+            },
+            "routes": {"shop/web": [{"name": "shop/web-canary", "backends": [
+                {"service": "shop/web", "weight": 100 - canary_weight},
+                {"service": "shop/web-v2", "weight": canary_weight}]}]},
+            "inbound": {"198.19.16.2": {
+                "http": [{"policy": "Policy shop/db", "methods": ["GET"], "ports": [[8080, 8080]],
+                          "identities": ["spiffe://td/ns/shop/sa/web"]}],
+                "plaintext": [{"policy": "Policy shop/db", "sources": [{"cidr": "10.0.0.0/8"}], "ports": [[9090, 9090]]}],
+            }},
+        }))
+    }
+
+    fn transparent(direction: &'static str, peers: Peers) -> Transparent {
+        Transparent::new(
+            direction,
+            "127.0.0.1:15001".parse().unwrap(),
+            Arc::new(RwLock::new(peers)),
+            None,
+            Timeouts {
+                connect: std::time::Duration::from_secs(1),
+                request: std::time::Duration::from_secs(1),
+                detect: std::time::Duration::from_secs(1),
+            },
+            None,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[test]
+    fn a_virtual_address_with_routes_is_split_across_its_backends() {
+        let t = transparent("outbound", shop(1, 10));
+        let f = t.forwarder("198.18.128.2:80".parse().unwrap()).unwrap();
+        let names: Vec<&str> = f.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, vec!["shop/web", "shop/web-v2"]);
+        assert_eq!(
+            f.services[1].endpoints[0].addr,
+            "198.19.17.4:80".parse().unwrap()
+        );
+        assert_eq!(f.routes[0].backends, vec![(0, 90), (1, 10)]);
+        // Unmatched requests: 404, as Gateway API asks; opaque: the service.
+        assert!(f.default_route.is_none());
+        assert_eq!(f.tcp_service, Some(0));
+        // Without routes, everything goes to the service itself.
+        let plain = t.forwarder("198.18.128.3:80".parse().unwrap()).unwrap();
+        assert!(plain.routes.is_empty() && plain.default_route.is_some());
+    }
+
+    #[test]
+    fn a_forwarder_is_kept_while_its_plan_is_unchanged_and_remade_when_it_changes() {
+        let t = transparent("outbound", shop(1, 10));
+        let dst = "198.18.128.2:80".parse().unwrap();
+        let first = t.forwarder(dst).unwrap();
+        // A new version that changes nothing for this destination.
+        *t.peers.write().unwrap() = shop(2, 10);
+        assert!(Arc::ptr_eq(&first, &t.forwarder(dst).unwrap()));
+        // The canary's weight moves: a new forwarder.
+        *t.peers.write().unwrap() = shop(3, 50);
+        let moved = t.forwarder(dst).unwrap();
+        assert!(!Arc::ptr_eq(&first, &moved));
+        assert_eq!(moved.routes[0].backends, vec![(0, 50), (1, 50)]);
+    }
+
+    #[test]
+    fn inbound_policy_applies_per_port() {
+        let t = transparent("inbound", shop(1, 10));
+        let http = t.forwarder("198.19.16.2:8080".parse().unwrap()).unwrap();
+        assert_eq!(http.http_rules.as_ref().map(Vec::len), Some(1));
+        assert!(http.plaintext.is_empty());
+        let other = t.forwarder("198.19.16.2:9090".parse().unwrap()).unwrap();
+        // Under L7 policy, but no rule for this port: nothing is admitted.
+        assert_eq!(other.http_rules.as_ref().map(Vec::len), Some(0));
+        assert!(other.plaintext[0].contains("10.2.3.4".parse().unwrap()));
+        // An address the table has no policy for: the config's (none).
+        let elsewhere = t.forwarder("198.19.16.9:8080".parse().unwrap()).unwrap();
+        assert!(elsewhere.http_rules.is_none());
+    }
 
     #[test]
     fn a_peers_file_is_read_and_bad_entries_are_named() {

@@ -356,6 +356,32 @@ async fn the_mtls_pair_carries_identity_and_refuses_plaintext() {
         .unwrap();
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(body.contains("shop/read-only"), "{body}");
+    // The denial is kept for the agent to collect, with who asked what.
+    let (status, denials) = call(
+        &c,
+        "GET",
+        &format!("http://{}/denials?after=0", server.admin),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let denials: serde_json::Value = serde_json::from_str(&denials).unwrap();
+    let d = &denials["denials"][0];
+    assert_eq!(
+        (
+            d["method"].as_str(),
+            d["path"].as_str(),
+            d["policy"].as_str(),
+            d["peer"].as_str()
+        ),
+        (
+            Some("POST"),
+            Some("/"),
+            Some("shop/read-only"),
+            Some("spiffe://td/ns/shop/sa/web")
+        )
+    );
+    assert_eq!(denials["next"], 1);
     // Plaintext straight to the meshed port: refused, with a reason.
     let (status, body) = call(&c, "GET", &format!("http://{inbound}/"))
         .await

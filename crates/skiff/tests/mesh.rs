@@ -381,3 +381,152 @@ fn apps_talk_plainly_and_only_tls_crosses_between_nodes() {
     let failures = failures.lock().unwrap_or_else(|p| p.into_inner()).clone();
     assert_eq!(failures, Vec::<String>::new());
 }
+
+/// `metadata.revision` of an object, from `skiff get … -o json`.
+fn revision_of(c: &Cluster, kind: &str, name: &str) -> u64 {
+    let (_, out, _) = skiff(c, &["get", kind, name, "-n", "mesh", "-o", "json"]);
+    serde_json::from_str::<Value>(&out)
+        .ok()
+        .and_then(|v| v.pointer("/metadata/revision").and_then(Value::as_u64))
+        .unwrap_or_else(|| panic!("{kind} {name} has no revision: {out}"))
+}
+
+/// Waits until every node's proxies acknowledge `kind` at `revision` or
+/// later (the Node's `status.mesh`, as a rollout would wait).
+fn acknowledged(c: &Cluster, kind: &str, revision: u64) {
+    eventually(
+        Duration::from_secs(15),
+        &format!("every node's proxies applied {kind} revision {revision}"),
+        || {
+            let (_, out, _) = skiff(c, &["get", "nodes", "-o", "json"]);
+            let v: Value = serde_json::from_str(&out).ok()?;
+            let nodes = v.get("items")?.as_array()?;
+            nodes
+                .iter()
+                .all(|n| {
+                    let proxies = n.pointer("/status/mesh/proxies").and_then(Value::as_u64);
+                    let answered = n.pointer("/status/mesh/answered").and_then(Value::as_u64);
+                    let applied = n
+                        .pointer(&format!("/status/mesh/applied/{kind}"))
+                        .and_then(Value::as_u64);
+                    proxies.is_some() && proxies == answered && applied >= Some(revision)
+                })
+                .then_some(())
+        },
+        || skiff(c, &["get", "nodes", "-o", "json"]).1,
+    );
+}
+
+#[test]
+fn routes_and_l7_policy_reach_the_proxies_and_are_acknowledged() {
+    if !can_run("routes_and_l7_policy_reach_the_proxies_and_are_acknowledged") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let c = mesh_cluster(dir.path(), 2, 3600.0);
+    let sfx = rand_suffix();
+    apply(
+        &c,
+        dir.path(),
+        "apps.yaml",
+        &[
+            service("api", 2, &format!("api-v1-{sfx}")),
+            service("api-v2", 1, &format!("api-v2-{sfx}")),
+            service("client", 1, &format!("client-{sfx}")),
+        ]
+        .join("---\n"),
+    );
+    ready_instances(&c, "api", 2);
+    let v2 = ready_instances(&c, "api-v2", 1).remove(0);
+    let client = ready_instances(&c, "client", 1).remove(0);
+    let client_ns = netns_of(&c, s(&client, "/status/address"));
+    let (_, out, _) = skiff(&c, &["get", "service", "api", "-n", "mesh", "-o", "json"]);
+    let vip = serde_json::from_str::<Value>(&out)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/status/virtualAddress")?
+                .as_str()
+                .map(String::from)
+        })
+        .unwrap_or_else(|| panic!("api has no virtual address: {out}"));
+    let url = format!("http://{vip}:8080/");
+    let answers = |args: &[&str], n: usize| -> Vec<String> {
+        (0..n)
+            .map(|_| match curl_with(&client_ns, args, &url) {
+                Ok((200, body)) if body.contains(&format!("api-v2-{sfx}")) => "v2".to_string(),
+                Ok((200, body)) if body.contains(&format!("api-v1-{sfx}")) => "v1".to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    };
+    eventually(
+        Duration::from_secs(10),
+        "client reaches api through its virtual address",
+        || answers(&[], 1).iter().all(|a| a == "v1").then_some(()),
+        || log_tail(&c, "n1"),
+    );
+
+    // A Route: x-canary requests go to v2, the rest to v1 (v2 weight 0).
+    // Once every node acknowledges the Route's revision, every request
+    // goes where it says: no waiting, no retry.
+    let route = |v1: u32, v2: u32| {
+        format!(
+            "apiVersion: skiff.dev/v1\nkind: Route\nmetadata: {{name: api-canary, namespace: mesh}}\nspec:\n  service: api\n  rules:\n    - matches: [{{headers: [{{name: x-canary, value: \"1\"}}]}}]\n      backends: [{{service: api-v2}}]\n    - backends: [{{service: api, weight: {v1}}}, {{service: api-v2, weight: {v2}}}]\n"
+        )
+    };
+    apply(&c, dir.path(), "route.yaml", &route(100, 0));
+    acknowledged(&c, "routes", revision_of(&c, "route", "api-canary"));
+    assert_eq!(answers(&[], 10), vec!["v1"; 10]);
+    assert_eq!(answers(&["-H", "x-canary: 1"], 10), vec!["v2"; 10]);
+    // The split moves entirely to v2.
+    apply(&c, dir.path(), "route.yaml", &route(0, 100));
+    acknowledged(&c, "routes", revision_of(&c, "route", "api-canary"));
+    assert_eq!(answers(&[], 10), vec!["v2"; 10]);
+
+    // L7 policy on v2: client may only GET /. The denial is a 403 from
+    // v2's proxy naming the policy, and a line in `skiff flows`. A cidr
+    // peer (the node v2 does not run on) may connect without mTLS.
+    let other = c
+        .nodes
+        .iter()
+        .find(|n| n.name != s(&v2, "/spec/node"))
+        .unwrap_or_else(|| panic!("no node without api-v2"));
+    let policy = format!(
+        "apiVersion: skiff.dev/v1\nkind: Policy\nmetadata: {{name: api-read, namespace: mesh}}\nspec:\n  selector: {{matchLabels: {{skiff.dev/service: api-v2}}}}\n  ingress:\n    - from: [{{workloads: {{matchLabels: {{skiff.dev/service: client}}}}}}]\n      ports: [{{port: 8080}}]\n      http: {{methods: [GET], paths: [/]}}\n    - from: [{{cidr: {}/32}}]\n      ports: [{{port: 8080}}]\n",
+        other.address
+    );
+    apply(&c, dir.path(), "policy.yaml", &policy);
+    acknowledged(&c, "policies", revision_of(&c, "policy", "api-read"));
+    assert_eq!(answers(&[], 5), vec!["v2"; 5]);
+    let (status, body) =
+        curl_with(&client_ns, &["-X", "POST"], &url).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("Policy mesh/api-read"), "{body}");
+    let (status, _) = curl_with(&client_ns, &[], &format!("http://{vip}:8080/healthz"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 403, "a path the rule does not list");
+    let line = eventually(
+        Duration::from_secs(10),
+        "the L7 denial in skiff flows",
+        || {
+            let (_, out, _) = skiff(&c, &["flows", "-n", "mesh", "--verdict", "denied"]);
+            out.lines()
+                .find(|l| {
+                    l.contains("8080/HTTP ingress: Policy mesh/api-read (POST / by spiffe://skiff.local/ns/mesh/sa/client)")
+                })
+                .map(String::from)
+        },
+        || skiff(&c, &["flows", "--json"]).1,
+    );
+    assert!(line.contains(s(&client, "/metadata/name")), "{line}");
+    let plain = curl_with(
+        &other.netns,
+        &[],
+        &format!("http://{}:8080/", s(&v2, "/status/address")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        plain.0, 200,
+        "plaintext from the allowed address: {plain:?}"
+    );
+}

@@ -13,10 +13,10 @@
 //! watch of Instances, tells every local proxy which addresses are meshed
 //! and what identity each must prove.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::Method;
@@ -25,6 +25,7 @@ use skiff_api::KindInfo;
 use skiff_client::Client;
 use skiff_identity::SpiffeId;
 
+use super::discovery::Discovery;
 use super::instance::Plan;
 
 /// The proxy's user: its sockets are not redirected.
@@ -41,6 +42,8 @@ pub const ADMIN_PORT: u16 = 4191;
 pub struct Mesh {
     dir: PathBuf,
     pub trust_domain: String,
+    /// The node's peers file and the local instances it covers.
+    pub discovery: Arc<Discovery>,
 }
 
 /// A prepared sidecar: its config and when its certificate expires.
@@ -59,16 +62,13 @@ impl Mesh {
         let dir = PathBuf::from("/run/skiff-mesh").join(tag);
         let _ = std::fs::remove_dir_all(&dir);
         create_dir(&dir)?;
-        let mesh = Mesh {
+        let peers = dir.join("peers.json");
+        write_atomic(&peers, b"{\"peers\": {}}", 0o644, None)?;
+        Ok(Mesh {
             dir,
             trust_domain: trust_domain.to_string(),
-        };
-        write_atomic(&mesh.peers_file(), b"{\"peers\": {}}", 0o644, None)?;
-        Ok(mesh)
-    }
-
-    pub fn peers_file(&self) -> PathBuf {
-        self.dir.join("peers.json")
+            discovery: Discovery::new(peers, trust_domain),
+        })
     }
 
     fn instance_dir(&self, plan: &Plan) -> PathBuf {
@@ -90,11 +90,14 @@ impl Mesh {
             },
             "inbound": [{"listen": format!("0.0.0.0:{INBOUND_PORT}"), "transparent": true}],
             "outbound": [{"listen": format!("127.0.0.1:{OUTBOUND_PORT}"), "transparent": true}],
-            "peersFile": self.peers_file(),
+            "peersFile": self.discovery.path(),
             "dns": {"listen": format!("127.0.0.1:{DNS_PORT}"), "domain": self.trust_domain},
             "drainSeconds": 5,
         });
         write_atomic(&config, text.to_string().as_bytes(), 0o644, None)?;
+        self.discovery
+            .admit(&plan.id(), plan.net.address, Duration::from_secs(5))
+            .await?;
         intercept(plan).await?;
         Ok(Sidecar {
             config,
@@ -125,114 +128,8 @@ impl Mesh {
 
     /// Removes an instance's sidecar files.
     pub fn remove(&self, plan: &Plan) {
+        self.discovery.release(&plan.id());
         let _ = std::fs::remove_dir_all(self.instance_dir(plan));
-    }
-
-    /// Keeps this node's peers file current (see [`follow_discovery`]).
-    pub async fn follow_discovery(self: std::sync::Arc<Self>, client: Client) {
-        follow_discovery(client, self.peers_file(), self.trust_domain.clone()).await;
-    }
-}
-
-/// Keeps the peers file at `path` equal to what every local proxy must know:
-/// each instance's address and identity, and each Service's virtual
-/// address with its ready instances. One list-then-watch per kind for
-/// the whole node; the file is rewritten (atomically, numbered) after
-/// each change settles.
-pub async fn follow_discovery(client: Client, path: PathBuf, trust_domain: String) {
-    let state = std::sync::Arc::new(std::sync::Mutex::new(Discovery::default()));
-    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
-    for plural in ["instances", "services"] {
-        let (state, changed, client) = (state.clone(), changed.clone(), client.clone());
-        tokio::spawn(crate::list_and_watch(client, plural, move |change| {
-            let mut d = state.lock().unwrap_or_else(|p| p.into_inner());
-            let objects = match plural {
-                "instances" => &mut d.instances,
-                _ => &mut d.services,
-            };
-            match change {
-                crate::Change::Reset(items) => {
-                    objects.clear();
-                    for v in items {
-                        objects.insert(crate::id_of(v), v.clone());
-                    }
-                }
-                crate::Change::Put(v) => {
-                    objects.insert(crate::id_of(v), v.clone());
-                }
-                crate::Change::Delete(v) => {
-                    objects.remove(&crate::id_of(v));
-                }
-            }
-            changed.notify_one();
-        }));
-    }
-    let mut version = 0u64;
-    loop {
-        changed.notified().await;
-        // Let a burst (a rollout, a relist) settle into one write.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        version += 1;
-        let text = {
-            let d = state.lock().unwrap_or_else(|p| p.into_inner());
-            d.render(&trust_domain, version)
-        };
-        if let Err(e) = write_atomic(&path, text.as_bytes(), 0o644, None) {
-            tracing::warn!(error = %e, "Cannot write the mesh peers file");
-        }
-    }
-}
-
-/// Instances and Services as the discovery writer last saw them, by
-/// `namespace/name`.
-#[derive(Debug, Default)]
-struct Discovery {
-    instances: BTreeMap<String, Value>,
-    services: BTreeMap<String, Value>,
-}
-
-impl Discovery {
-    /// The peers file: every addressed instance's identity, and every
-    /// Service's virtual address with its ready instances.
-    fn render(&self, trust_domain: &str, version: u64) -> String {
-        let str_at = |v: &Value, p: &str| {
-            v.pointer(p)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let mut peers = serde_json::Map::new();
-        let mut ready: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for v in self.instances.values() {
-            let Some(address) = v
-                .pointer("/status/address")
-                .and_then(Value::as_str)
-                .filter(|a| a.parse::<Ipv4Addr>().is_ok())
-            else {
-                continue;
-            };
-            let (ns, service) = (str_at(v, "/metadata/namespace"), str_at(v, "/spec/service"));
-            if let Ok(id) = SpiffeId::new(trust_domain, &ns, &service) {
-                peers.insert(address.to_string(), Value::String(id.to_string()));
-            }
-            if v.pointer("/status/ready").and_then(Value::as_bool) == Some(true) {
-                ready
-                    .entry(format!("{ns}/{service}"))
-                    .or_default()
-                    .push(address.to_string());
-            }
-        }
-        let mut services = serde_json::Map::new();
-        for (name, v) in &self.services {
-            if let Some(vip) = v.pointer("/status/virtualAddress").and_then(Value::as_str) {
-                let endpoints = ready.get(name).cloned().unwrap_or_default();
-                services.insert(
-                    vip.to_string(),
-                    json!({"name": name, "endpoints": endpoints}),
-                );
-            }
-        }
-        json!({"version": version, "peers": peers, "services": services}).to_string()
     }
 }
 
@@ -371,7 +268,12 @@ fn create_dir(dir: &Path) -> Result<(), String> {
 
 /// Writes through a temporary file and a rename, so a reader sees the old
 /// contents or the new, never a part.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32, owner: Option<u32>) -> Result<(), String> {
+pub(crate) fn write_atomic(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<u32>,
+) -> Result<(), String> {
     let fail = |e: std::io::Error| format!("{}: {e}", path.display());
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(fail)?;

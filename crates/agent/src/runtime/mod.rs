@@ -4,6 +4,7 @@
 //! restart backoff and health checks.
 
 pub mod cgroup;
+pub mod discovery;
 pub mod exec;
 pub mod instance;
 pub mod mesh;

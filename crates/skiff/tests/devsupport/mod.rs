@@ -156,6 +156,12 @@ pub fn pids_with(needle: &str) -> Vec<u32> {
 
 /// `curl` from inside a network namespace; the body, or why it failed.
 pub fn curl_in(netns: &str, url: &str) -> Result<String, String> {
+    curl_with(netns, &[], url).map(|(_, body)| body)
+}
+
+/// curl in `netns` with extra arguments (method, headers); returns the
+/// status and the body.
+pub fn curl_with(netns: &str, args: &[&str], url: &str) -> Result<(u16, String), String> {
     let out = Command::new("ip")
         .args([
             "netns",
@@ -165,17 +171,18 @@ pub fn curl_in(netns: &str, url: &str) -> Result<String, String> {
             "-sS",
             "--connect-timeout",
             "1",
-            "--max-time",
-            "3",
-            url,
         ])
+        .args(["--max-time", "3", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
         .output()
         .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).to_string());
     }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
 }
 
 /// A short random suffix for names that must not collide across runs.

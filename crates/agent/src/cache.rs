@@ -1,0 +1,199 @@
+//! The agent's copy of the cluster: one list-then-watch per kind for the
+//! whole node, read by network policy and by the mesh's discovery alike,
+//! so a node holds one watch per kind on the control plane however many
+//! consumers it has. Each consumer waits on [`Cache::subscribe`] and reads
+//! the state under its lock.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::Value;
+use skiff_api::policytest::NamedPort;
+use skiff_client::Client;
+use skiff_netpol::PolicyRule;
+use skiff_netpol::cluster;
+use tokio::sync::watch;
+
+/// The cluster as this node's consumers need it.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Policies and NetworkPolicies by `kind:ns/name`.
+    pub policies: BTreeMap<String, PolicyRule>,
+    /// `ns/name` of a Service → its ports.
+    pub services: BTreeMap<String, Vec<NamedPort>>,
+    /// `ns/name` of a Service → its virtual address.
+    pub virtual_addresses: BTreeMap<String, String>,
+    /// Namespace labels (namespace selectors match them).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub instances: BTreeMap<String, Value>,
+    /// Routes by `ns/name`.
+    pub routes: BTreeMap<String, Value>,
+    /// The control plane revision each followed kind is known up to.
+    pub revisions: BTreeMap<&'static str, u64>,
+}
+
+/// The followed state, and a counter bumped on every change.
+#[derive(Debug)]
+pub struct Cache {
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+}
+
+impl Cache {
+    /// Starts following `kinds` (plural names) and returns at once; the
+    /// state fills as the lists arrive.
+    pub fn follow(client: &Client, kinds: &[&'static str]) -> Arc<Cache> {
+        let cache = Arc::new(Cache {
+            state: Mutex::new(State::default()),
+            changed: watch::channel(0).0,
+        });
+        for &plural in kinds {
+            let cache = cache.clone();
+            tokio::spawn(list_and_watch(
+                client.clone(),
+                plural,
+                move |change, revision| {
+                    {
+                        let mut s = cache.state();
+                        match change {
+                            Change::Reset(items) => {
+                                clear(&mut s, plural);
+                                for v in items {
+                                    put(&mut s, plural, v);
+                                }
+                            }
+                            Change::Put(v) => put(&mut s, plural, v),
+                            Change::Delete(v) => remove(&mut s, plural, v),
+                        }
+                        s.revisions.insert(plural, revision);
+                    }
+                    cache.changed.send_modify(|n| *n += 1);
+                },
+            ));
+        }
+        cache
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        // Plain data behind the lock; a panic elsewhere leaves it usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes (`changed()`) after every change from here on.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+fn clear(s: &mut State, plural: &str) {
+    match plural {
+        "namespaces" => s.namespaces.clear(),
+        "services" => {
+            s.services.clear();
+            s.virtual_addresses.clear();
+        }
+        "instances" => s.instances.clear(),
+        "routes" => s.routes.clear(),
+        kind => s
+            .policies
+            .retain(|k, _| !k.starts_with(&format!("{kind}:"))),
+    }
+}
+
+fn put(s: &mut State, plural: &str, v: &Value) {
+    let id = crate::id_of(v);
+    match plural {
+        "namespaces" => {
+            s.namespaces
+                .insert(crate::name_of(v), skiff_api::meta::labels_in(v));
+        }
+        "instances" => {
+            s.instances.insert(id, v.clone());
+        }
+        "services" => {
+            s.services.insert(id.clone(), cluster::service_ports(v));
+            match v.pointer("/status/virtualAddress").and_then(Value::as_str) {
+                Some(vip) => s.virtual_addresses.insert(id, vip.to_string()),
+                None => s.virtual_addresses.remove(&id),
+            };
+        }
+        "routes" => {
+            s.routes.insert(id, v.clone());
+        }
+        kind => match cluster::policy(v) {
+            Some(rule) => {
+                s.policies.insert(format!("{kind}:{id}"), rule);
+            }
+            None => tracing::warn!(policy = %id, "A stored policy does not decode; ignoring it"),
+        },
+    }
+}
+
+fn remove(s: &mut State, plural: &str, v: &Value) {
+    let id = crate::id_of(v);
+    match plural {
+        "namespaces" => {
+            s.namespaces.remove(&crate::name_of(v));
+        }
+        "instances" => {
+            s.instances.remove(&id);
+        }
+        "services" => {
+            s.services.remove(&id);
+            s.virtual_addresses.remove(&id);
+        }
+        "routes" => {
+            s.routes.remove(&id);
+        }
+        kind => {
+            s.policies.remove(&format!("{kind}:{id}"));
+        }
+    }
+}
+
+/// One change to a followed kind.
+#[derive(Debug)]
+enum Change<'a> {
+    /// Everything there is (after a list; replaces what came before).
+    Reset(&'a [Value]),
+    Put(&'a Value),
+    Delete(&'a Value),
+}
+
+/// Lists one kind cluster-wide, then follows its watch, reporting each
+/// change to `on` with the revision it brings the kind to; relists after
+/// a failed watch. Runs until the task ends.
+async fn list_and_watch(
+    client: Client,
+    plural: &'static str,
+    mut on: impl FnMut(Change<'_>, u64) + Send,
+) {
+    let Some(kind) = skiff_api::KindInfo::find(plural) else {
+        return;
+    };
+    loop {
+        let list = match client.list(kind, None, None).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(kind = plural, error = %e, "Cannot list; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        on(Change::Reset(&list.items), list.revision);
+        let mut watch = client.watch(kind, None, None, list.revision);
+        while let Some(event) = watch.next().await {
+            let Ok(event) = event else { break };
+            match event.kind {
+                skiff_client::EventType::Added | skiff_client::EventType::Modified => {
+                    on(Change::Put(&event.object), event.revision)
+                }
+                skiff_client::EventType::Deleted => {
+                    on(Change::Delete(&event.object), event.revision)
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

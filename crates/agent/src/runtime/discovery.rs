@@ -1,0 +1,707 @@
+//! Mesh discovery on a node: one peers file for every local proxy, written
+//! from the agent's copy of the cluster ([`crate::cache`]), and the way
+//! back: each proxy's acknowledgement of what it applied (published in the
+//! Node's status for rollouts to wait on) and its L7 denials (merged into
+//! the node's flow records for `skiff flows`).
+//!
+//! The file holds, numbered by `version` and stamped with the control
+//! plane revision of each kind it reflects:
+//! - `peers`: every addressed instance's identity;
+//! - `services`: every Service's virtual address and ready instances;
+//! - `routes`: the `Route` rules of each service, in the proxy's format;
+//! - `inbound`: per local instance, the L7 rules of the policies that
+//!   select it and the sources policy lets in without mTLS.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use skiff_api::meta::{Labels, NAMESPACE_NAME_LABEL};
+use skiff_api::net::{PortRef, Protocol};
+use skiff_api::policy::Mode;
+use skiff_api::policytest::NamedPort;
+use skiff_api::{Resource, meta};
+use skiff_client::Client;
+use skiff_identity::SpiffeId;
+use skiff_netpol::PolicyRule;
+use skiff_netpol::model::{Namespaces, Peer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Notify, watch};
+
+use crate::cache::{Cache, State};
+
+/// A node's (or a gateway's) peers file and the local instances it covers.
+#[derive(Debug)]
+pub struct Discovery {
+    path: PathBuf,
+    trust_domain: String,
+    /// Local instances (`ns/name`) → address, and a generation bumped on
+    /// each change.
+    local: Mutex<(u64, BTreeMap<String, Ipv4Addr>)>,
+    wake: Notify,
+    /// The local generation the file last written covers.
+    written: watch::Sender<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Discovery {
+    pub fn new(path: PathBuf, trust_domain: &str) -> Arc<Discovery> {
+        Arc::new(Discovery {
+            path,
+            trust_domain: trust_domain.to_string(),
+            local: Mutex::new((0, BTreeMap::new())),
+            wake: Notify::new(),
+            written: watch::channel(0).0,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Registers a local instance before its proxy starts; returns once the
+    /// peers file holds its inbound policy (or fails after `within`): a
+    /// proxy never serves its instance without the policy that governs it.
+    pub async fn admit(&self, id: &str, address: Ipv4Addr, within: Duration) -> Result<(), String> {
+        let generation = {
+            let mut local = lock(&self.local);
+            local.0 += 1;
+            local.1.insert(id.to_string(), address);
+            local.0
+        };
+        let mut written = self.written.subscribe();
+        self.wake.notify_one();
+        match tokio::time::timeout(within, written.wait_for(|g| *g >= generation)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(format!(
+                "the mesh peers file did not take {id} within {}s",
+                within.as_secs()
+            )),
+        }
+    }
+
+    pub fn release(&self, id: &str) {
+        let mut local = lock(&self.local);
+        if local.1.remove(id).is_some() {
+            local.0 += 1;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Local instances and their addresses.
+    pub fn locals(&self) -> BTreeMap<String, Ipv4Addr> {
+        lock(&self.local).1.clone()
+    }
+
+    /// Keeps the peers file equal to what the local proxies must know,
+    /// rewritten (atomically, numbered) after each change settles. Runs
+    /// until the task ends.
+    pub async fn follow(self: Arc<Self>, cache: Arc<Cache>) {
+        let mut changes = cache.subscribe();
+        changes.mark_changed();
+        let mut version = 0u64;
+        loop {
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = self.wake.notified() => {}
+            }
+            // Let a burst (a rollout, a relist) settle into one write.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            version += 1;
+            let (generation, local) = lock(&self.local).clone();
+            let text = render(&cache.state(), &self.trust_domain, &local, version).to_string();
+            match super::mesh::write_atomic(&self.path, text.as_bytes(), 0o644, None) {
+                Ok(()) => {
+                    self.written.send_replace(generation);
+                }
+                Err(e) => tracing::warn!(error = %e, "Cannot write the mesh peers file"),
+            }
+        }
+    }
+}
+
+/// The peers file for `local` instances (`ns/name` → address).
+pub fn render(
+    s: &State,
+    trust_domain: &str,
+    local: &BTreeMap<String, Ipv4Addr>,
+    version: u64,
+) -> Value {
+    let text = |v: &Value, p: &str| {
+        v.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut peers = Map::new();
+    let mut ready: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for v in s.instances.values() {
+        let Some(address) = v
+            .pointer("/status/address")
+            .and_then(Value::as_str)
+            .filter(|a| a.parse::<Ipv4Addr>().is_ok())
+        else {
+            continue;
+        };
+        let (ns, service) = (text(v, "/metadata/namespace"), text(v, "/spec/service"));
+        if let Ok(id) = SpiffeId::new(trust_domain, &ns, &service) {
+            peers.insert(address.to_string(), Value::String(id.to_string()));
+        }
+        if v.pointer("/status/ready").and_then(Value::as_bool) == Some(true) {
+            ready
+                .entry(format!("{ns}/{service}"))
+                .or_default()
+                .push(address.to_string());
+        }
+    }
+    let mut services = Map::new();
+    for (name, vip) in &s.virtual_addresses {
+        let endpoints = ready.get(name).cloned().unwrap_or_default();
+        services.insert(vip.clone(), json!({"name": name, "endpoints": endpoints}));
+    }
+    let mut inbound = Map::new();
+    if !local.is_empty() {
+        let world = Workloads::of(s, trust_domain);
+        for (id, address) in local {
+            if let Some(v) = s.instances.get(id)
+                && let Some(policy) = inbound_policy(s, &world, v)
+            {
+                inbound.insert(address.to_string(), policy);
+            }
+        }
+    }
+    let revisions: BTreeMap<&str, u64> = s.revisions.clone();
+    json!({
+        "version": version,
+        "revisions": revisions,
+        "peers": peers,
+        "services": services,
+        "routes": routes(s),
+        "inbound": inbound,
+    })
+}
+
+/// Every service's Route rules in the proxy's format, backends by
+/// `ns/name`; several Routes for one service apply in name order.
+fn routes(s: &State) -> Map<String, Value> {
+    let mut by_service: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for (id, v) in &s.routes {
+        let Ok(loaded) = skiff_api::load_str("store", &v.to_string()) else {
+            tracing::warn!(route = %id, "A stored Route does not decode; ignoring it");
+            continue;
+        };
+        for l in &loaded {
+            let Resource::Route(route) = &l.resource else {
+                continue;
+            };
+            let ns = route.namespace();
+            let rules = by_service
+                .entry(format!("{ns}/{}", route.spec.service))
+                .or_default();
+            for rule in &route.spec.rules {
+                let matches: Vec<Value> = rule
+                    .matches
+                    .iter()
+                    .map(|m| {
+                        let mut out = Map::new();
+                        if let Some(p) = &m.path {
+                            let key = match p.kind {
+                                skiff_api::cluster::PathMatchType::Exact => "path",
+                                skiff_api::cluster::PathMatchType::PathPrefix => "pathPrefix",
+                            };
+                            out.insert(key.into(), p.value.clone().into());
+                        }
+                        if let Some(method) = &m.method {
+                            out.insert("method".into(), method.clone().into());
+                        }
+                        let headers: Map<String, Value> = m
+                            .headers
+                            .iter()
+                            .map(|h| (h.name.clone(), h.value.clone().into()))
+                            .collect();
+                        out.insert("headers".into(), headers.into());
+                        Value::Object(out)
+                    })
+                    .collect();
+                let backends: Vec<Value> = rule
+                    .backends
+                    .iter()
+                    .map(|b| json!({"service": format!("{ns}/{}", b.service), "weight": b.weight}))
+                    .collect();
+                let mut out = json!({
+                    "name": format!("{ns}/{}", route.name()),
+                    "matches": matches,
+                    "backends": backends,
+                });
+                if rule.retry {
+                    out["retry"] = json!({"nonIdempotent": true});
+                }
+                if let Some(t) = &rule.timeout {
+                    out["timeoutMs"] = (t.0.as_millis() as u64).into();
+                }
+                rules.push(out);
+            }
+        }
+    }
+    by_service
+        .into_iter()
+        .map(|(k, v)| (k, Value::Array(v)))
+        .collect()
+}
+
+/// Who can be a peer: each distinct (namespace, labels) group of instances
+/// with its identity, and every namespace's labels.
+struct Workloads {
+    trust_domain: String,
+    groups: BTreeSet<(String, Labels, String)>,
+    namespaces: BTreeMap<String, Labels>,
+}
+
+impl Workloads {
+    fn of(s: &State, trust_domain: &str) -> Workloads {
+        let mut groups = BTreeSet::new();
+        let mut namespaces: BTreeMap<String, Labels> = s.namespaces.clone();
+        for v in s.instances.values() {
+            let ns = v
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let service = v
+                .pointer("/spec/service")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            namespaces.entry(ns.clone()).or_default();
+            groups.insert((ns, meta::labels_in(v), service));
+        }
+        for (name, labels) in &mut namespaces {
+            labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
+        }
+        Workloads {
+            trust_domain: trust_domain.to_string(),
+            groups,
+            namespaces,
+        }
+    }
+
+    /// The identity patterns of a selecting peer: `…/ns/<ns>/sa/*` when it
+    /// takes every workload of a namespace (the gateway's too), else the
+    /// exact identities of the matching instances' Services.
+    fn identities(
+        &self,
+        namespaces: &Namespaces,
+        workloads: Option<&skiff_api::selector::LabelSelector>,
+    ) -> Vec<String> {
+        let in_scope: Vec<&String> = match namespaces {
+            Namespaces::Same(ns) => vec![ns],
+            Namespaces::Matching(sel) => self
+                .namespaces
+                .iter()
+                .filter(|(_, labels)| sel.matches(labels))
+                .map(|(name, _)| name)
+                .collect(),
+        };
+        let mut out = BTreeSet::new();
+        for ns in in_scope {
+            match workloads {
+                None => {
+                    out.insert(format!("spiffe://{}/ns/{ns}/sa/*", self.trust_domain));
+                }
+                Some(sel) => {
+                    for (gns, labels, service) in &self.groups {
+                        if gns == ns
+                            && sel.matches(labels)
+                            && let Ok(id) = SpiffeId::new(&self.trust_domain, ns, service)
+                        {
+                            out.insert(id.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+/// What policy asks of one local instance's inbound side: `http` (every
+/// ingress rule of the enforcing policies that select it, when any of
+/// them has an `http` section) and `plaintext` (rules with address peers).
+/// `None` when neither applies.
+fn inbound_policy(s: &State, world: &Workloads, instance: &Value) -> Option<Value> {
+    let ns = instance
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let service = instance
+        .pointer("/spec/service")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let labels = meta::labels_in(instance);
+    let ports = s
+        .services
+        .get(&format!("{ns}/{service}"))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let selecting: Vec<&PolicyRule> = s
+        .policies
+        .values()
+        .filter(|p| {
+            p.mode == Mode::Enforce
+                && p.id.namespace == ns
+                && p.ingress.is_some()
+                && p.selector.matches(&labels)
+        })
+        .collect();
+    let mut http = Vec::new();
+    let mut plaintext = Vec::new();
+    let mut any_http = false;
+    for p in selecting {
+        for rule in p.ingress.iter().flatten() {
+            let Some(tcp_ports) = tcp_port_ranges(&rule.ports, ports) else {
+                continue;
+            };
+            any_http |= rule.http.is_some();
+            let mut identities = Vec::new();
+            let mut sources = Vec::new();
+            for peer in &rule.peers {
+                match peer {
+                    Peer::Select {
+                        namespaces,
+                        workloads,
+                    } => identities.extend(world.identities(namespaces, workloads.as_ref())),
+                    Peer::Cidr { cidr, except } => sources.push(json!({
+                        "cidr": cidr.to_string(),
+                        "except": except.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    })),
+                }
+            }
+            // Peers that select nobody admit nobody (not everybody).
+            if !rule.peers.is_empty() && identities.is_empty() && sources.is_empty() {
+                continue;
+            }
+            let (methods, paths) = rule
+                .http
+                .as_ref()
+                .map(|h| (h.methods.clone(), h.paths.clone()))
+                .unwrap_or_default();
+            let policy = p.id.to_string();
+            if !sources.is_empty() {
+                plaintext.push(json!({"policy": policy, "sources": sources, "ports": tcp_ports}));
+            }
+            http.push(json!({
+                "policy": policy,
+                "methods": methods,
+                "paths": paths,
+                "identities": identities,
+                "sources": sources,
+                "ports": tcp_ports,
+            }));
+        }
+    }
+    if !any_http && plaintext.is_empty() {
+        return None;
+    }
+    Some(json!({
+        "http": if any_http { Value::Array(http) } else { Value::Null },
+        "plaintext": plaintext,
+    }))
+}
+
+/// A rule's TCP ports as `[first, last]` ranges, named ports resolved
+/// against the instance's Service: empty for every port, `None` when the
+/// rule covers no TCP port at all.
+fn tcp_port_ranges(
+    rule_ports: &[skiff_api::policy::PolicyPort],
+    service_ports: &[NamedPort],
+) -> Option<Vec<[u16; 2]>> {
+    if rule_ports.is_empty() {
+        return Some(Vec::new());
+    }
+    let ranges: Vec<[u16; 2]> = rule_ports
+        .iter()
+        .filter(|p| p.protocol == Protocol::Tcp)
+        .filter_map(|p| match &p.port {
+            None => Some([0, u16::MAX]),
+            Some(PortRef::Number(n)) => Some([*n, p.end_port.unwrap_or(*n)]),
+            Some(PortRef::Name(name)) => service_ports
+                .iter()
+                .find(|sp| sp.name.as_deref() == Some(name) && sp.protocol == Protocol::Tcp)
+                .map(|sp| [sp.port, sp.port]),
+        })
+        .collect();
+    (!ranges.is_empty()).then_some(ranges)
+}
+
+/// How often local proxies are asked what they applied and denied.
+const COLLECT_EVERY: Duration = Duration::from_secs(1);
+
+/// Asks every local proxy (`/peers`, `/denials`) each second: their
+/// acknowledgements go into the Node's `status.mesh` (when they change),
+/// their L7 denials to `report`. Runs until the task ends.
+pub async fn collect(
+    discovery: Arc<Discovery>,
+    client: Client,
+    node: String,
+    admin_port: u16,
+    report: impl Fn(Ipv4Addr, u16, &Value) + Send,
+) {
+    let mut after: BTreeMap<String, u64> = BTreeMap::new();
+    let mut published: Option<Value> = None;
+    loop {
+        tokio::time::sleep(COLLECT_EVERY).await;
+        let locals = discovery.locals();
+        after.retain(|id, _| locals.contains_key(id));
+        let mut applied: BTreeMap<String, u64> = BTreeMap::new();
+        let mut answered = 0u32;
+        for (id, address) in &locals {
+            let admin = SocketAddr::from((*address, admin_port));
+            let Ok(peers) = get_json(admin, "/peers").await else {
+                continue;
+            };
+            answered += 1;
+            if let Some(revisions) = peers.get("revisions").and_then(Value::as_object) {
+                for (kind, r) in revisions {
+                    let r = r.as_u64().unwrap_or(0);
+                    applied
+                        .entry(kind.clone())
+                        .and_modify(|m| *m = (*m).min(r))
+                        .or_insert(r);
+                }
+            }
+            let seen = after.get(id).copied().unwrap_or(0);
+            if let Ok(d) = get_json(admin, &format!("/denials?after={seen}")).await {
+                let next = d.get("next").and_then(Value::as_u64).unwrap_or(0);
+                for denial in d
+                    .get("denials")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let port = denial.get("port").and_then(Value::as_u64).unwrap_or(0) as u16;
+                    report(*address, port, denial);
+                }
+                // A restarted proxy numbers from 1 again.
+                after.insert(id.clone(), next);
+            }
+        }
+        let status = json!({"proxies": locals.len(), "answered": answered, "applied": applied});
+        if published.as_ref() == Some(&status) {
+            continue;
+        }
+        match publish(&client, &node, &status).await {
+            Ok(()) => published = Some(status),
+            Err(e) => {
+                tracing::debug!(error = %e, "Cannot publish the mesh acknowledgements; retrying")
+            }
+        }
+    }
+}
+
+/// Writes `status.mesh` of this node.
+async fn publish(client: &Client, node: &str, mesh: &Value) -> Result<(), String> {
+    let nodes = skiff_api::KindInfo::find("nodes").ok_or("no Node kind")?;
+    let mut current = client
+        .get(nodes, None, node)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("node {node} not found"))?;
+    current["status"]["mesh"] = mesh.clone();
+    client
+        .update_status(nodes, None, node, &current)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// A GET to a proxy's admin endpoint, its body as JSON (2 s at most).
+async fn get_json(to: SocketAddr, path: &str) -> Result<Value, String> {
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(to)
+            .await
+            .map_err(|e| e.to_string())?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        let at = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or("not an HTTP answer")?;
+        if !answer.starts_with(b"HTTP/1.1 200") {
+            return Err("not 200".to_string());
+        }
+        serde_json::from_slice(&answer[at + 4..]).map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .map_err(|_| format!("{to}{path}: no answer in 2 s"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(
+        ns: &str,
+        name: &str,
+        service: &str,
+        app: &str,
+        address: &str,
+        ready: bool,
+    ) -> Value {
+        json!({
+            "apiVersion": "skiff.dev/v1", "kind": "Instance",
+            "metadata": {"name": name, "namespace": ns, "labels": {"app": app}},
+            "spec": {"service": service},
+            "status": {"address": address, "ready": ready},
+        })
+    }
+
+    /// A shop: web and web-v2 call db; db is local, under a read-only L7
+    /// policy for web, a full-access one for admin, and plaintext for a
+    /// probe range; web's traffic is split 90/10 by a Route.
+    fn shop() -> State {
+        let mut s = State::default();
+        for v in [
+            instance("shop", "db-1", "db", "db", "198.19.16.2", true),
+            instance("shop", "web-1", "web", "web", "198.19.17.2", true),
+            instance("shop", "web-2", "web", "web", "198.19.17.3", false),
+            instance("shop", "v2-1", "web-v2", "web", "198.19.17.4", true),
+            instance("ops", "admin-1", "admin", "admin", "198.19.18.2", true),
+        ] {
+            s.instances.insert(crate::id_of(&v), v);
+        }
+        s.services.insert(
+            "shop/db".into(),
+            vec![NamedPort {
+                name: Some("http".into()),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+        );
+        for (svc, vip) in [
+            ("shop/db", "198.18.128.1"),
+            ("shop/web", "198.18.128.2"),
+            ("shop/web-v2", "198.18.128.3"),
+        ] {
+            s.virtual_addresses.insert(svc.into(), vip.into());
+        }
+        s.namespaces.insert(
+            "ops".into(),
+            [("team".to_string(), "ops".to_string())].into(),
+        );
+        let policy = |text: &str| {
+            let v: Value = serde_json::from_str(text).unwrap();
+            let rule = skiff_netpol::cluster::policy(&v).unwrap();
+            (format!("policies:{}", crate::id_of(&v)), rule)
+        };
+        for text in [
+            r#"{"apiVersion": "skiff.dev/v1", "kind": "Policy", "metadata": {"name": "db-read", "namespace": "shop"},
+                "spec": {"selector": {"matchLabels": {"app": "db"}}, "ingress": [
+                  {"from": [{"workloads": {"matchLabels": {"app": "web"}}}], "ports": [{"port": "http"}],
+                   "http": {"methods": ["GET"], "paths": ["/items/*"]}},
+                  {"from": [{"namespaces": {"matchLabels": {"team": "ops"}}}]},
+                  {"from": [{"cidr": "10.0.0.0/8", "except": ["10.9.0.0/16"]}], "ports": [{"port": 8080}]},
+                  {"from": [{"workloads": {"matchLabels": {"app": "ghost"}}}]},
+                  {"ports": [{"protocol": "UDP", "port": 53}]}]}}"#,
+            r#"{"apiVersion": "skiff.dev/v1", "kind": "Policy", "metadata": {"name": "watch", "namespace": "shop"},
+                "spec": {"selector": {}, "mode": "audit", "ingress": [{"http": {"methods": ["HEAD"]}}]}}"#,
+        ] {
+            let (k, r) = policy(text);
+            s.policies.insert(k, r);
+        }
+        let route = json!({
+            "apiVersion": "skiff.dev/v1", "kind": "Route",
+            "metadata": {"name": "web-canary", "namespace": "shop"},
+            "spec": {"service": "web", "rules": [
+                {"matches": [{"headers": [{"name": "x-canary", "value": "1"}]}], "backends": [{"service": "web-v2"}]},
+                {"backends": [{"service": "web", "weight": 90}, {"service": "web-v2", "weight": 10}], "timeout": "2s", "retry": true},
+            ]},
+        });
+        s.routes.insert(crate::id_of(&route), route);
+        s.revisions.insert("routes", 41);
+        s.revisions.insert("instances", 40);
+        s
+    }
+
+    #[test]
+    fn the_peers_file_carries_routes_and_the_local_instances_policy() {
+        let s = shop();
+        let local: BTreeMap<String, Ipv4Addr> =
+            [("shop/db-1".to_string(), Ipv4Addr::new(198, 19, 16, 2))].into();
+        let file = render(&s, "td", &local, 7);
+        assert_eq!(file["revisions"], json!({"instances": 40, "routes": 41}));
+        // Only ready instances are endpoints.
+        assert_eq!(
+            file["services"]["198.18.128.2"],
+            json!({"name": "shop/web", "endpoints": ["198.19.17.2"]})
+        );
+        let routes = &file["routes"]["shop/web"];
+        assert_eq!(
+            routes[0]["backends"],
+            json!([{"service": "shop/web-v2", "weight": 1}])
+        );
+        assert_eq!(routes[1]["timeoutMs"], json!(2000));
+        assert_eq!(routes[1]["retry"], json!({"nonIdempotent": true}));
+        let db = &file["inbound"]["198.19.16.2"];
+        let http = db["http"].as_array().unwrap();
+        // web's rule: named port resolved, identities of web's Services.
+        assert_eq!(
+            http[0]["identities"],
+            json!([
+                "spiffe://td/ns/shop/sa/web",
+                "spiffe://td/ns/shop/sa/web-v2"
+            ])
+        );
+        assert_eq!(http[0]["ports"], json!([[8080, 8080]]));
+        assert_eq!(http[0]["policy"], json!("Policy shop/db-read"));
+        // A namespace selector without workloads: every identity there.
+        assert_eq!(http[1]["identities"], json!(["spiffe://td/ns/ops/sa/*"]));
+        assert_eq!(http[1]["methods"], json!([]));
+        // The ghost rule selects nobody and the UDP rule covers no TCP
+        // port: neither is in (and the audit policy is not enforced).
+        assert_eq!(http.len(), 3, "{http:?}");
+        assert_eq!(
+            db["plaintext"],
+            json!([{"policy": "Policy shop/db-read", "sources": [{"cidr": "10.0.0.0/8", "except": ["10.9.0.0/16"]}], "ports": [[8080, 8080]]}])
+        );
+        // Non-local instances get nothing.
+        assert!(file["inbound"].get("198.19.17.2").is_none());
+
+        // The proxy reads what the agent writes.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peers.json");
+        std::fs::write(&path, file.to_string()).unwrap();
+        let peers = skiff_proxy::transparent::load_peers(&path).unwrap();
+        assert_eq!(peers.revisions.get("routes"), Some(&41));
+        let web = &peers.routes["shop/web"];
+        assert_eq!(
+            web.backends,
+            vec!["shop/web".to_string(), "shop/web-v2".to_string()]
+        );
+        assert_eq!(web.routes[1].backends, vec![(0, 90), (1, 10)]);
+        let inbound = &peers.inbound[&"198.19.16.2".parse().unwrap()];
+        assert_eq!(inbound.http.as_ref().unwrap().len(), 3);
+        assert!(inbound.plaintext[0].sources[0].contains("10.1.1.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn without_http_rules_or_address_peers_an_instance_has_no_inbound_policy() {
+        let mut s = shop();
+        s.policies.clear();
+        let local: BTreeMap<String, Ipv4Addr> =
+            [("shop/db-1".to_string(), Ipv4Addr::new(198, 19, 16, 2))].into();
+        assert_eq!(render(&s, "td", &local, 1)["inbound"], json!({}));
+    }
+}
