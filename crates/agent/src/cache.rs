@@ -32,6 +32,38 @@ pub struct State {
     pub revisions: BTreeMap<&'static str, u64>,
 }
 
+/// The last known object of each local instance, so that one deleted from
+/// the cluster keeps its policy (L4 and L7) while it drains, until its
+/// agent releases it: cutting it off at once would strand the requests it
+/// is still answering.
+#[derive(Debug, Default)]
+pub struct LocalInstances(BTreeMap<String, Value>);
+
+impl LocalInstances {
+    /// Takes the current objects of the instances in `local` from `s`,
+    /// keeping the last copy of those `s` no longer has; forgets the rest.
+    pub fn update<'k>(&mut self, s: &State, local: impl IntoIterator<Item = &'k String>) {
+        let mut next = BTreeMap::new();
+        for id in local {
+            if let Some(v) = s.instances.get(id).or_else(|| self.0.get(id)) {
+                next.insert(id.clone(), v.clone());
+            }
+        }
+        self.0 = next;
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Value> {
+        self.0.get(id)
+    }
+
+    /// Local instances the cluster no longer lists (deleted, draining).
+    pub fn departed<'a>(&'a self, s: &'a State) -> impl Iterator<Item = (&'a String, &'a Value)> {
+        self.0
+            .iter()
+            .filter(|(id, _)| !s.instances.contains_key(*id))
+    }
+}
+
 /// The followed state, and a counter bumped on every change.
 #[derive(Debug)]
 pub struct Cache {

@@ -16,7 +16,7 @@ use skiff_client::{Client, ClientError, EventType};
 use tokio::sync::watch;
 
 use crate::runtime::cgroup::Cgroups;
-use crate::runtime::instance::{Handle, NodeRuntime, Plan};
+use crate::runtime::instance::{Handle, NodeRuntime, Plan, Stop};
 use crate::runtime::net::{self, PodNet};
 use crate::{id_of, name_of};
 
@@ -147,8 +147,10 @@ pub async fn run(
     }
     let mesh = match &cfg.mesh {
         Some(td) => {
-            let mesh =
-                Arc::new(crate::runtime::mesh::Mesh::new(&cfg.tag, td).map_err(AgentError::Setup)?);
+            let mesh = Arc::new(
+                crate::runtime::mesh::Mesh::new(&cfg.tag, td, &client)
+                    .map_err(AgentError::Setup)?,
+            );
             tokio::spawn(mesh.discovery.clone().follow(cache.clone()));
             let enforcer = enforcer.clone();
             tokio::spawn(crate::runtime::discovery::collect(
@@ -181,6 +183,7 @@ pub async fn run(
         tag: cfg.tag.clone(),
         pod_cidr,
         running: HashMap::new(),
+        stopping: Vec::new(),
         serial: 0,
         generation: gen_rx,
         cut_off: cut_rx,
@@ -193,9 +196,16 @@ pub async fn run(
         instances = node.running.len(),
         "Stopping every instance on this node"
     );
-    let stops: Vec<_> = node.running.drain().map(|(_, r)| r.handle.stop()).collect();
+    let stops: Vec<_> = node
+        .running
+        .drain()
+        .map(|(_, r)| r.handle.stop(Stop::Now))
+        .collect();
     for s in stops {
         s.await;
+    }
+    for (_, _, stopping) in node.stopping.drain(..) {
+        let _ = stopping.await;
     }
     result
 }
@@ -431,6 +441,9 @@ struct Node {
     tag: String,
     pod_cidr: Ipv4Addr,
     running: HashMap<String, Running>,
+    /// Instances stopping (concurrently): their id, their address (not
+    /// handed out again until they are gone) and the stop's task.
+    stopping: Vec<(String, Ipv4Addr, tokio::task::JoinHandle<()>)>,
     serial: u64,
     generation: watch::Receiver<u64>,
     /// True while self-fenced (never without `--self-fence`).
@@ -464,10 +477,10 @@ impl Node {
                 .cloned()
                 .collect();
             for id in gone {
-                self.stop(&id, "deleted").await;
+                self.stop(&id, "deleted", Stop::AfterRevision(list.revision));
             }
             for v in current.values() {
-                self.ensure(v).await;
+                self.ensure(v, Stop::AfterRevision(list.revision)).await;
             }
             let mut watch = self.rt.client.watch(instances, None, None, list.revision);
             let mut generation = self.generation.clone();
@@ -483,7 +496,7 @@ impl Node {
                         if *cut_off.borrow_and_update() {
                             let all: Vec<String> = self.running.keys().cloned().collect();
                             for id in all {
-                                self.stop(&id, "self-fenced: cut off from the control plane").await;
+                                self.stop(&id, "self-fenced: cut off from the control plane", Stop::Now);
                             }
                         } else {
                             // Back: list again and start what is still ours.
@@ -499,15 +512,16 @@ impl Node {
                                 break;
                             }
                         };
+                        let after = Stop::AfterRevision(event.revision);
                         match event.kind {
                             EventType::Added | EventType::Modified => {
                                 if self.is_mine(&event.object) {
-                                    self.ensure(&event.object).await;
+                                    self.ensure(&event.object, after).await;
                                 } else if self.running.contains_key(&id_of(&event.object)) {
-                                    self.stop(&id_of(&event.object), "assigned elsewhere").await;
+                                    self.stop(&id_of(&event.object), "assigned elsewhere", after);
                                 }
                             }
-                            EventType::Deleted => self.stop(&id_of(&event.object), "deleted").await,
+                            EventType::Deleted => self.stop(&id_of(&event.object), "deleted", after),
                             _ => {}
                         }
                     }
@@ -531,12 +545,13 @@ impl Node {
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
-            self.stop(&id, "fenced: the node was declared lost").await;
+            self.stop(&id, "fenced: the node was declared lost", Stop::Now);
         }
     }
 
-    /// Starts an instance that should run here and does not yet.
-    async fn ensure(&mut self, v: &Value) {
+    /// Starts an instance that should run here and does not yet (`after`:
+    /// when an instance it replaces may stop).
+    async fn ensure(&mut self, v: &Value, after: Stop) {
         if *self.cut_off.borrow() {
             return;
         }
@@ -551,7 +566,7 @@ impl Node {
                 return;
             }
             // Same name, new object: the old one is gone.
-            self.stop(&id, "replaced").await;
+            self.stop(&id, "replaced", after);
         }
         let node_generation = v
             .pointer("/spec/nodeGeneration")
@@ -577,7 +592,13 @@ impl Node {
                 return;
             }
         };
-        let used: BTreeSet<Ipv4Addr> = self.running.values().map(|r| r.handle.address).collect();
+        self.stopping.retain(|(_, _, task)| !task.is_finished());
+        let used: BTreeSet<Ipv4Addr> = self
+            .running
+            .values()
+            .map(|r| r.handle.address)
+            .chain(self.stopping.iter().map(|(_, a, _)| *a))
+            .collect();
         let Some(address) = net::free_address(self.pod_cidr, &used) else {
             tracing::error!(instance = %id, "No free address in this node's pod range");
             return;
@@ -608,10 +629,15 @@ impl Node {
         );
     }
 
-    async fn stop(&mut self, id: &str, why: &str) {
+    /// Stops an instance in the background: several leave at once, each
+    /// waiting (with `Stop::AfterRevision`) until no proxy sends it
+    /// requests.
+    fn stop(&mut self, id: &str, why: &str, when: Stop) {
         if let Some(r) = self.running.remove(id) {
             tracing::info!(instance = %id, reason = why, "Stopping");
-            r.handle.stop().await;
+            let address = r.handle.address;
+            let task = tokio::spawn(r.handle.stop(when));
+            self.stopping.push((id.to_string(), address, task));
         }
     }
 

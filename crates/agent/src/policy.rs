@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, LocalInstances};
 use serde_json::Value;
 use skiff_api::policy::DefaultPolicy;
 use skiff_netpol::PolicyRule;
@@ -283,9 +283,13 @@ impl Enforcer {
         });
     }
 
-    /// Forgets an instance (its veth, and the filters on it, go with it).
-    pub fn release(&self, instance: &str) {
-        if lock(&self.local).remove(instance).is_some() {
+    /// Forgets an instance (its veth, and the filters on it, go with it),
+    /// if it still has this address (a newer instance of the same name may
+    /// have taken its place).
+    pub fn release(&self, instance: &str, address: Ipv4Addr) {
+        let mut local = lock(&self.local);
+        if local.get(instance).is_some_and(|&(_, a)| a == address) {
+            local.remove(instance);
             self.changed.notify_one();
         }
     }
@@ -357,6 +361,7 @@ pub async fn run(
     default: DefaultPolicy,
 ) {
     let mut cluster_changed = cache.subscribe();
+    let mut known = LocalInstances::default();
     // A first pass even if the lists arrived before this subscription.
     cluster_changed.mark_changed();
     let mut ids = Identities::default();
@@ -385,7 +390,8 @@ pub async fn run(
         let local = lock(&enforcer.local).clone();
         let next = {
             let s = cache.state();
-            build(&s, &local, &host, default, &mut ids)
+            known.update(&s, local.keys());
+            build(&s, &known, &local, &host, default, &mut ids)
         };
         match next {
             Ok(next) => {
@@ -434,6 +440,7 @@ pub async fn run(
 
 fn build(
     s: &crate::cache::State,
+    known: &LocalInstances,
     local: &BTreeMap<String, (u32, Ipv4Addr)>,
     host: &[Ipv4Addr],
     default: DefaultPolicy,
@@ -441,7 +448,7 @@ fn build(
 ) -> Result<Compiled, compile::CompileError> {
     let mut instances = Vec::new();
     let mut index = BTreeMap::new();
-    for (id, v) in &s.instances {
+    for (id, v) in s.instances.iter().chain(known.departed(s)) {
         // A local instance's address is known here before its status says it.
         let Some(i) = cluster::instance(v, &s.services, local.get(id).map(|&(_, a)| a)) else {
             continue;

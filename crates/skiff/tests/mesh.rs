@@ -478,6 +478,64 @@ fn routes_and_l7_policy_reach_the_proxies_and_are_acknowledged() {
     acknowledged(&c, "routes", revision_of(&c, "route", "api-canary"));
     assert_eq!(answers(&[], 10), vec!["v1"; 10]);
     assert_eq!(answers(&["-H", "x-canary: 1"], 10), vec!["v2"; 10]);
+
+    // Scale-down under POSTs (never retried): the leaving instance stops
+    // only once every node's proxies have stopped sending it requests, so
+    // none fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let poster = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let (ns, url) = (client_ns.clone(), url.clone());
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                // When it was sent, to match against the nodes' logs.
+                let at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                match curl_with(&ns, &["-X", "POST"], &url) {
+                    Ok((200, _)) => {}
+                    other => failures.push(format!("at {at:.3}: {other:?}")),
+                }
+                sent.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            failures
+        })
+    };
+    apply(
+        &c,
+        dir.path(),
+        "api.yaml",
+        &service("api", 1, &format!("api-v1-{sfx}")),
+    );
+    eventually(
+        Duration::from_secs(30),
+        "api down to one instance, its old one's process gone",
+        || {
+            (instances(&c, "mesh", "api").len() == 1
+                && pids_with(&format!("api-v1-{sfx}")).len() == 1)
+                .then_some(())
+        },
+        || log_tail(&c, "n1"),
+    );
+    let at = sent.load(Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(10),
+        "POSTs after the scale-down",
+        || (sent.load(Ordering::SeqCst) >= at + 20).then_some(()),
+        String::new,
+    );
+    stop.store(true, Ordering::SeqCst);
+    let failures = poster.join().unwrap_or_else(|_| panic!("poster panicked"));
+    assert_eq!(
+        failures,
+        Vec::<String>::new(),
+        "of {} POSTs",
+        sent.load(Ordering::SeqCst)
+    );
     // The split moves entirely to v2.
     apply(&c, dir.path(), "route.yaml", &route(0, 100));
     acknowledged(&c, "routes", revision_of(&c, "route", "api-canary"));

@@ -31,7 +31,7 @@ use skiff_netpol::model::{Namespaces, Peer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, watch};
 
-use crate::cache::{Cache, State};
+use crate::cache::{Cache, LocalInstances, State};
 
 /// A node's (or a gateway's) peers file and the local instances it covers.
 #[derive(Debug)]
@@ -86,9 +86,12 @@ impl Discovery {
         }
     }
 
-    pub fn release(&self, id: &str) {
+    /// Forgets a local instance, if it still has this address (a newer
+    /// instance of the same name may have taken its place).
+    pub fn release(&self, id: &str, address: Ipv4Addr) {
         let mut local = lock(&self.local);
-        if local.1.remove(id).is_some() {
+        if local.1.get(id) == Some(&address) {
+            local.1.remove(id);
             local.0 += 1;
             self.wake.notify_one();
         }
@@ -106,6 +109,7 @@ impl Discovery {
         let mut changes = cache.subscribe();
         changes.mark_changed();
         let mut version = 0u64;
+        let mut known = LocalInstances::default();
         loop {
             tokio::select! {
                 _ = changes.changed() => {}
@@ -115,7 +119,11 @@ impl Discovery {
             tokio::time::sleep(Duration::from_millis(20)).await;
             version += 1;
             let (generation, local) = lock(&self.local).clone();
-            let text = render(&cache.state(), &self.trust_domain, &local, version).to_string();
+            let text = {
+                let s = cache.state();
+                known.update(&s, local.keys());
+                render(&s, &known, &self.trust_domain, &local, version).to_string()
+            };
             match super::mesh::write_atomic(&self.path, text.as_bytes(), 0o644, None) {
                 Ok(()) => {
                     self.written.send_replace(generation);
@@ -129,6 +137,7 @@ impl Discovery {
 /// The peers file for `local` instances (`ns/name` → address).
 pub fn render(
     s: &State,
+    known: &LocalInstances,
     trust_domain: &str,
     local: &BTreeMap<String, Ipv4Addr>,
     version: u64,
@@ -169,7 +178,8 @@ pub fn render(
     if !local.is_empty() {
         let world = Workloads::of(s, trust_domain);
         for (id, address) in local {
-            if let Some(v) = s.instances.get(id)
+            // A deleted instance draining here keeps its policy.
+            if let Some(v) = known.get(id)
                 && let Some(policy) = inbound_policy(s, &world, v)
             {
                 inbound.insert(address.to_string(), policy);
@@ -504,6 +514,93 @@ pub async fn collect(
     }
 }
 
+/// The lowest `instances` revision that every node's sidecar proxies have
+/// applied (the Nodes' `status.mesh`), followed only while someone waits
+/// on it: an instance leaving stops once no proxy would still send it
+/// requests.
+#[derive(Debug)]
+pub struct ClusterAcks {
+    floor: watch::Sender<u64>,
+    waiters: std::sync::atomic::AtomicUsize,
+    wake: Notify,
+}
+
+/// How often Nodes are read while an instance waits to leave.
+const ACKS_EVERY: Duration = Duration::from_millis(250);
+
+impl ClusterAcks {
+    pub fn new(client: Client) -> Arc<ClusterAcks> {
+        let acks = Arc::new(ClusterAcks {
+            floor: watch::channel(0).0,
+            waiters: std::sync::atomic::AtomicUsize::new(0),
+            wake: Notify::new(),
+        });
+        tokio::spawn(acks.clone().follow(client));
+        acks
+    }
+
+    /// Waits until every node's proxies have applied `revision` of the
+    /// instances (or `within` passes: a node whose proxies do not answer
+    /// does not hold an instance forever). Returns whether they did.
+    pub async fn wait(&self, revision: u64, within: Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.waiters.fetch_add(1, Ordering::SeqCst) == 0 {
+            // Not followed while nobody waited: forget the old floor.
+            self.floor.send_replace(0);
+        }
+        self.wake.notify_one();
+        let mut floor = self.floor.subscribe();
+        let done = tokio::time::timeout(within, floor.wait_for(|f| *f >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        done
+    }
+
+    async fn follow(self: Arc<Self>, client: Client) {
+        use std::sync::atomic::Ordering;
+        let Some(nodes) = skiff_api::KindInfo::find("nodes") else {
+            return;
+        };
+        loop {
+            if self.waiters.load(Ordering::SeqCst) == 0 {
+                self.wake.notified().await;
+                continue;
+            }
+            match client.list(nodes, None, None).await {
+                Ok(list) => {
+                    self.floor.send_replace(acknowledged_floor(&list.items));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "Cannot read Nodes for mesh acknowledgements")
+                }
+            }
+            tokio::time::sleep(ACKS_EVERY).await;
+        }
+    }
+}
+
+/// Over ready Nodes with sidecar proxies that answer, the lowest
+/// `instances` revision applied; `u64::MAX` when there is none (nothing
+/// to wait for).
+fn acknowledged_floor(nodes: &[Value]) -> u64 {
+    nodes
+        .iter()
+        .filter(|n| n.pointer("/status/ready").and_then(Value::as_bool) == Some(true))
+        .filter(|n| {
+            n.pointer("/status/mesh/answered")
+                .and_then(Value::as_u64)
+                .is_some_and(|a| a > 0)
+        })
+        .map(|n| {
+            n.pointer("/status/mesh/applied/instances")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        })
+        .min()
+        .unwrap_or(u64::MAX)
+}
+
 /// Writes `status.mesh` of this node.
 async fn publish(client: &Client, node: &str, mesh: &Value) -> Result<(), String> {
     let nodes = skiff_api::KindInfo::find("nodes").ok_or("no Node kind")?;
@@ -640,7 +737,9 @@ mod tests {
         let s = shop();
         let local: BTreeMap<String, Ipv4Addr> =
             [("shop/db-1".to_string(), Ipv4Addr::new(198, 19, 16, 2))].into();
-        let file = render(&s, "td", &local, 7);
+        let mut known = LocalInstances::default();
+        known.update(&s, local.keys());
+        let file = render(&s, &known, "td", &local, 7);
         assert_eq!(file["revisions"], json!({"instances": 40, "routes": 41}));
         // Only ready instances are endpoints.
         assert_eq!(
@@ -679,6 +778,23 @@ mod tests {
         // Non-local instances get nothing.
         assert!(file["inbound"].get("198.19.17.2").is_none());
 
+        // Deleted while it drains here: no longer an endpoint, still
+        // under its policy until the agent lets it go.
+        let mut gone = shop();
+        gone.instances.remove("shop/db-1");
+        known.update(&gone, local.keys());
+        let draining = render(&gone, &known, "td", &local, 8);
+        assert_eq!(draining["services"]["198.18.128.1"]["endpoints"], json!([]));
+        assert_eq!(
+            draining["inbound"]["198.19.16.2"],
+            file["inbound"]["198.19.16.2"]
+        );
+        known.update(&gone, []);
+        assert_eq!(
+            render(&gone, &known, "td", &BTreeMap::new(), 9)["inbound"],
+            json!({})
+        );
+
         // The proxy reads what the agent writes.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("peers.json");
@@ -697,11 +813,28 @@ mod tests {
     }
 
     #[test]
+    fn the_floor_is_the_slowest_ready_meshed_node() {
+        let node = |ready: bool, answered: u64, applied: u64| json!({"status": {"ready": ready, "mesh": {"proxies": answered, "answered": answered, "applied": {"instances": applied}}}});
+        let nodes = [
+            node(true, 3, 50),
+            node(true, 1, 42),
+            // Lost, or without answering proxies: not waited for.
+            node(false, 2, 7),
+            node(true, 0, 0),
+            json!({"status": {"ready": true}}),
+        ];
+        assert_eq!(acknowledged_floor(&nodes), 42);
+        assert_eq!(acknowledged_floor(&nodes[2..]), u64::MAX);
+    }
+
+    #[test]
     fn without_http_rules_or_address_peers_an_instance_has_no_inbound_policy() {
         let mut s = shop();
         s.policies.clear();
         let local: BTreeMap<String, Ipv4Addr> =
             [("shop/db-1".to_string(), Ipv4Addr::new(198, 19, 16, 2))].into();
-        assert_eq!(render(&s, "td", &local, 1)["inbound"], json!({}));
+        let mut known = LocalInstances::default();
+        known.update(&s, local.keys());
+        assert_eq!(render(&s, &known, "td", &local, 1)["inbound"], json!({}));
     }
 }

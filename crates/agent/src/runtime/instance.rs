@@ -59,14 +59,29 @@ impl Plan {
 /// A running instance; [`Handle::stop`] ends it and cleans up.
 #[derive(Debug)]
 pub struct Handle {
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
     task: tokio::task::JoinHandle<()>,
     pub address: Ipv4Addr,
 }
 
+/// Whether, and when, an instance stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Running,
+    /// At once (fenced, cut off, the agent shutting down).
+    Now,
+    /// Once every node's sidecar proxies have applied this revision of the
+    /// instances, which no longer sends callers here (a few seconds at
+    /// most): no request is sent to an app that is already going.
+    AfterRevision(u64),
+}
+
+/// The longest an instance waits for the mesh to stop sending it requests.
+const LEAVE_WAIT: Duration = Duration::from_secs(5);
+
 impl Handle {
     pub fn start(rt: Arc<NodeRuntime>, plan: Plan) -> Handle {
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(Stop::Running);
         let address = plan.net.address;
         let task = tokio::spawn(run(rt, plan, stopped));
         Handle {
@@ -78,8 +93,8 @@ impl Handle {
 
     /// Stops the process (SIGTERM, grace, SIGKILL) and removes its cgroups
     /// and network; returns when all of that is done.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
+    pub async fn stop(self, when: Stop) {
+        let _ = self.stop.send(when);
         let _ = self.task.await;
     }
 }
@@ -93,7 +108,7 @@ struct Status {
     message: String,
 }
 
-async fn run(rt: Arc<NodeRuntime>, plan: Plan, mut stopped: watch::Receiver<bool>) {
+async fn run(rt: Arc<NodeRuntime>, plan: Plan, mut stopped: watch::Receiver<Stop>) {
     let reporter = Reporter::new(rt.client.clone(), &plan);
     let mut status = Status {
         phase: "starting",
@@ -109,7 +124,7 @@ async fn run(rt: Arc<NodeRuntime>, plan: Plan, mut stopped: watch::Receiver<bool
             reporter.report(&status, &[("FailedSetup", e)]).await;
             let _ = stopped.changed().await;
             if let Some(e) = &rt.enforcer {
-                e.release(&plan.id());
+                e.release(&plan.id(), plan.net.address);
             }
             plan.net.remove().await;
             return;
@@ -144,7 +159,7 @@ async fn run(rt: Arc<NodeRuntime>, plan: Plan, mut stopped: watch::Receiver<bool
                 cgroup.remove();
                 mesh.remove(&plan);
                 if let Some(e) = &rt.enforcer {
-                    e.release(&plan.id());
+                    e.release(&plan.id(), plan.net.address);
                 }
                 plan.net.remove().await;
                 return;
@@ -254,6 +269,12 @@ async fn run(rt: Arc<NodeRuntime>, plan: Plan, mut stopped: watch::Receiver<bool
         }
         reporter.report(&status, &events).await;
     }
+    let when = *stopped.borrow();
+    if let (Stop::AfterRevision(revision), Some(mesh)) = (when, &rt.mesh)
+        && !mesh.acks.wait(revision, LEAVE_WAIT).await
+    {
+        tracing::warn!(instance = %plan.id(), revision, "Not every node's proxies acknowledged this instance's removal in time; stopping it anyway");
+    }
     supervisor.stop().await;
     // The proxy after the app: it drains what the app's last requests left.
     if let Some(s) = sidecar {
@@ -265,7 +286,7 @@ async fn run(rt: Arc<NodeRuntime>, plan: Plan, mut stopped: watch::Receiver<bool
     }
     cgroup.remove();
     if let Some(e) = &rt.enforcer {
-        e.release(&plan.id());
+        e.release(&plan.id(), plan.net.address);
     }
     plan.net.remove().await;
 }

@@ -25,7 +25,7 @@ use skiff_api::KindInfo;
 use skiff_client::Client;
 use skiff_identity::SpiffeId;
 
-use super::discovery::Discovery;
+use super::discovery::{ClusterAcks, Discovery};
 use super::instance::Plan;
 
 /// The proxy's user: its sockets are not redirected.
@@ -44,6 +44,8 @@ pub struct Mesh {
     pub trust_domain: String,
     /// The node's peers file and the local instances it covers.
     pub discovery: Arc<Discovery>,
+    /// Every node's acknowledgements, for instances leaving.
+    pub acks: Arc<ClusterAcks>,
 }
 
 /// A prepared sidecar: its config and when its certificate expires.
@@ -57,7 +59,7 @@ pub struct Sidecar {
 impl Mesh {
     /// Clears what an earlier run of this agent left and starts an empty
     /// peers table.
-    pub fn new(tag: &str, trust_domain: &str) -> Result<Mesh, String> {
+    pub fn new(tag: &str, trust_domain: &str, client: &Client) -> Result<Mesh, String> {
         SpiffeId::new(trust_domain, "ns", "sa").map_err(|e| format!("--trust-domain: {e}"))?;
         let dir = PathBuf::from("/run/skiff-mesh").join(tag);
         let _ = std::fs::remove_dir_all(&dir);
@@ -68,6 +70,7 @@ impl Mesh {
             dir,
             trust_domain: trust_domain.to_string(),
             discovery: Discovery::new(peers, trust_domain),
+            acks: ClusterAcks::new(client.clone()),
         })
     }
 
@@ -128,7 +131,7 @@ impl Mesh {
 
     /// Removes an instance's sidecar files.
     pub fn remove(&self, plan: &Plan) {
-        self.discovery.release(&plan.id());
+        self.discovery.release(&plan.id(), plan.net.address);
         let _ = std::fs::remove_dir_all(self.instance_dir(plan));
     }
 }
