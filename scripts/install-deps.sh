@@ -17,7 +17,8 @@ set -euo pipefail
 #   haproxy, nginx `skiff bench proxy`: the peers the Skiff proxy is measured against (smoke-tested)
 #   tcpdump        the mesh test checks that only TLS crosses between nodes
 #   nghttp2-client h2load: HTTP/2 load through the mesh in its test
-PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl iproute2 clang libbpf-dev wrk iptables haproxy nginx tcpdump nghttp2-client)
+#   dnsutils       dig: cluster DNS over TCP in the mesh test
+PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl iproute2 clang libbpf-dev wrk iptables haproxy nginx tcpdump nghttp2-client dnsutils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

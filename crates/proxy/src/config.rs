@@ -41,10 +41,12 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DnsConfig {
-    /// UDP address the redirected queries arrive at.
+    /// Address (UDP and TCP) the redirected queries arrive at.
     pub listen: SocketAddr,
     /// Services are `<svc>.<ns>.svc.<domain>`.
     pub domain: String,
+    /// The instance's namespace: a bare `<svc>` is a service there.
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -1,73 +1,77 @@
-//! Cluster DNS in the sidecar: the instance's DNS queries (UDP port 53, to
-//! whatever nameserver the host's resolv.conf names) are redirected here.
-//! Names of Services, `<svc>.<ns>.svc.<domain>` (also `<svc>.<ns>.svc` and
-//! `<svc>.<ns>`), are answered from the node's discovery table with the
-//! service's virtual address; anything else is relayed to the nameserver
-//! it was sent to, unchanged.
+//! Cluster DNS in the sidecar (hickory-server, UDP and TCP): the
+//! instance's DNS queries (port 53, to whatever nameserver the host's
+//! resolv.conf names) are redirected here. Names of Services,
+//! `<svc>.<ns>.svc.<domain>` (also `<svc>.<ns>.svc` and `<svc>.<ns>`), and
+//! a bare `<svc>` of the instance's own namespace (the search domain
+//! Kubernetes puts in a pod's resolv.conf, which instances sharing the
+//! host's file cannot have), are answered from the node's discovery table
+//! with the service's virtual address. Anything else is resolved by
+//! hickory-resolver with the host's resolv.conf (its nameservers that the
+//! instance can reach: not loopback ones).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::op::{Header, ResponseCode};
 use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
-use tokio::net::UdpSocket;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_server::ServerFuture;
+use hickory_server::authority::MessageResponseBuilder;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 
 use crate::transparent::Peers;
 
 /// Seconds a cluster answer may be cached: short, since instances come and go.
 const TTL: u32 = 5;
-/// How long a relayed query may take.
-const RELAY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a TCP client may take with its query.
+const TCP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a query gets.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Answer {
-    /// A reply made here.
-    Local(Vec<u8>),
-    /// Not a cluster name: relay the query as it is.
+pub enum Decision {
+    /// Answered here: a cluster name (with its address for an A query).
+    Answer {
+        code: ResponseCode,
+        address: Option<Ipv4Addr>,
+    },
+    /// Not a cluster name: resolve it upstream.
     Relay,
 }
 
-/// Answers one query (the bytes of a DNS message). Pure: the names come
-/// from `peers`. Unparseable bytes are answered FORMERR when they carry an
-/// id, and otherwise dropped (`Local` with no bytes).
-pub fn answer(query: &[u8], peers: &Peers, domain: &str) -> Answer {
-    let Ok(request) = Message::from_vec(query) else {
-        return Answer::Local(Vec::new());
+/// Decides one query. Pure: the names come from `peers`; `namespace` is
+/// the instance's, for bare service names.
+pub fn decide(
+    name: &str,
+    kind: RecordType,
+    peers: &Peers,
+    domain: &str,
+    namespace: Option<&str>,
+) -> Decision {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let (service, ns) = match (cluster_name(&name, domain), namespace) {
+        (Some(pair), _) => pair,
+        (None, Some(ns)) if !name.is_empty() && !name.contains('.') => (name.as_str(), ns),
+        (None, _) => return Decision::Relay,
     };
-    let Some(q) = request.queries().first() else {
-        return Answer::Local(reply(&request, ResponseCode::FormErr, None));
-    };
-    let name = q
-        .name()
-        .to_ascii()
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    let Some((service, namespace)) = cluster_name(&name, domain) else {
-        return Answer::Relay;
-    };
-    let found = peers
-        .by_name
-        .get(&format!("{namespace}/{service}"))
-        .copied();
-    let record = match (found, q.query_type()) {
-        (Some(IpAddr::V4(ip)), RecordType::A) => {
-            Some(Record::from_rdata(q.name().clone(), TTL, RData::A(A(ip))))
-        }
-        _ => None,
-    };
+    let found = peers.by_name.get(&format!("{ns}/{service}")).copied();
     let code = match found {
         // The name exists; other record types get an empty answer.
         Some(_) => ResponseCode::NoError,
         None if name.ends_with(&format!(".svc.{domain}")) || name.ends_with(".svc") => {
             ResponseCode::NXDomain
         }
-        // `<a>.<b>` that names no service may be an outside name.
-        None => return Answer::Relay,
+        // `<a>.<b>` or `<a>` that names no service may be an outside name.
+        None => return Decision::Relay,
     };
-    Answer::Local(reply(&request, code, record))
+    let address = match (found, kind) {
+        (Some(IpAddr::V4(ip)), RecordType::A) => Some(ip),
+        _ => None,
+    };
+    Decision::Answer { code, address }
 }
 
 /// `(service, namespace)` when `name` has one of the cluster forms.
@@ -84,93 +88,148 @@ fn cluster_name<'a>(name: &'a str, domain: &str) -> Option<(&'a str, &'a str)> {
     }
 }
 
-fn reply(request: &Message, code: ResponseCode, record: Option<Record>) -> Vec<u8> {
-    let mut m = Message::new();
-    m.set_id(request.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(request.op_code())
-        .set_recursion_desired(request.recursion_desired())
-        .set_recursion_available(true)
-        .set_authoritative(true)
-        .set_response_code(code);
-    m.add_queries(request.queries().to_vec());
-    if let Some(r) = record {
-        m.add_answer(r);
+/// The host's resolver configuration without the nameservers an instance
+/// cannot reach (loopback ones, such as a local stub resolver); `None`
+/// when none is left.
+pub fn upstream_config(
+    resolv_conf: &[u8],
+) -> Option<(ResolverConfig, hickory_resolver::config::ResolverOpts)> {
+    let (config, opts) = hickory_resolver::system_conf::parse_resolv_conf(resolv_conf).ok()?;
+    let servers: Vec<IpAddr> = config
+        .name_servers()
+        .iter()
+        .map(|s| s.socket_addr.ip())
+        .filter(|ip| !ip.is_loopback())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if servers.is_empty() {
+        return None;
     }
-    m.to_vec().unwrap_or_default()
+    let group = NameServerConfigGroup::from_ips_clear(&servers, 53, true);
+    Some((
+        ResolverConfig::from_parts(config.domain().cloned(), config.search().to_vec(), group),
+        opts,
+    ))
 }
 
-/// Serves redirected queries until the task ends. A relayed query goes to
-/// the address it was sent to (its original destination).
-pub async fn serve(socket: UdpSocket, peers: Arc<RwLock<Peers>>, domain: String) {
-    let socket = Arc::new(socket);
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let Ok((n, client)) = socket.recv_from(&mut buf).await else {
-            continue;
-        };
-        let query = buf[..n].to_vec();
+/// Answers redirected queries.
+struct Handler {
+    peers: Arc<RwLock<Peers>>,
+    domain: String,
+    namespace: Option<String>,
+    upstream: Option<TokioResolver>,
+}
+
+impl Handler {
+    /// The response code and records for one query.
+    async fn resolve(&self, name: &Name, kind: RecordType) -> (ResponseCode, bool, Vec<Record>) {
         let decision = {
-            let peers = peers.read().unwrap_or_else(|p| p.into_inner());
-            answer(&query, &peers, &domain)
+            let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+            decide(
+                &name.to_ascii(),
+                kind,
+                &peers,
+                &self.domain,
+                self.namespace.as_deref(),
+            )
         };
         match decision {
-            Answer::Local(bytes) if !bytes.is_empty() => {
-                let _ = socket.send_to(&bytes, client).await;
+            Decision::Answer { code, address } => {
+                let records = address
+                    .map(|ip| Record::from_rdata(name.clone(), TTL, RData::A(A(ip))))
+                    .into_iter()
+                    .collect();
+                (code, true, records)
             }
-            Answer::Local(_) => {}
-            Answer::Relay => {
-                let socket = socket.clone();
-                tokio::spawn(async move {
-                    if let Some(reply) = relay(&query).await {
-                        let _ = socket.send_to(&reply, client).await;
+            Decision::Relay => {
+                let Some(upstream) = &self.upstream else {
+                    return (ResponseCode::ServFail, false, Vec::new());
+                };
+                match upstream.lookup(name.clone(), kind).await {
+                    Ok(found) => (ResponseCode::NoError, false, found.records().to_vec()),
+                    Err(e) if e.is_nx_domain() => (ResponseCode::NXDomain, false, Vec::new()),
+                    Err(e) if e.is_no_records_found() => (ResponseCode::NoError, false, Vec::new()),
+                    Err(e) => {
+                        tracing::debug!(name = %name, error = %e, "Upstream DNS failed");
+                        (ResponseCode::ServFail, false, Vec::new())
                     }
-                });
+                }
             }
         }
     }
 }
 
-/// Sends a query to the first nameserver in /etc/resolv.conf that is not a
-/// loopback address (the instance cannot reach the host's loopback).
-async fn relay(query: &[u8]) -> Option<Vec<u8>> {
-    let conf = std::fs::read_to_string("/etc/resolv.conf").ok()?;
-    let server: IpAddr = conf
-        .lines()
-        .filter_map(|l| l.strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
-        .find(|a| !a.is_loopback())?;
-    let local: SocketAddr = if server.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> ResponseInfo {
+        let builder = MessageResponseBuilder::from_message_request(request);
+        let mut header = Header::response_from_request(request.header());
+        header.set_recursion_available(true);
+        let Ok(info) = request.request_info() else {
+            header.set_response_code(ResponseCode::FormErr);
+            let reply = builder.error_msg(request.header(), ResponseCode::FormErr);
+            return response.send_response(reply).await.unwrap_or(header.into());
+        };
+        let name = Name::from(info.query.name());
+        let (code, authoritative, records) = self.resolve(&name, info.query.query_type()).await;
+        header.set_response_code(code);
+        header.set_authoritative(authoritative);
+        let reply = builder.build(header, records.iter(), [], [], []);
+        response.send_response(reply).await.unwrap_or(header.into())
     }
-    .parse()
-    .ok()?;
-    let upstream = UdpSocket::bind(local).await.ok()?;
-    upstream.send_to(query, (server, 53)).await.ok()?;
-    let mut buf = vec![0u8; 4096];
-    let (n, _) = tokio::time::timeout(RELAY_TIMEOUT, upstream.recv_from(&mut buf))
+}
+
+/// Serves redirected queries on `listen` (UDP and TCP) until the task
+/// ends. `namespace` is the instance's, for bare service names.
+pub async fn serve(
+    listen: SocketAddr,
+    peers: Arc<RwLock<Peers>>,
+    domain: String,
+    namespace: Option<String>,
+) -> anyhow::Result<()> {
+    let udp = tokio::net::UdpSocket::bind(listen)
         .await
-        .ok()?
-        .ok()?;
-    buf.truncate(n);
-    Some(buf)
+        .map_err(|e| anyhow::anyhow!("dns {listen}: cannot listen (UDP): {e}"))?;
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("dns {listen}: cannot listen (TCP): {e}"))?;
+    let upstream = std::fs::read("/etc/resolv.conf")
+        .ok()
+        .and_then(|conf| upstream_config(&conf))
+        .map(|(config, opts)| {
+            TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+                .with_options(opts)
+                .build()
+        });
+    if upstream.is_none() {
+        tracing::warn!(
+            "No nameserver in /etc/resolv.conf that an instance can reach: only cluster names will resolve"
+        );
+    }
+    let mut server = ServerFuture::new(Handler {
+        peers,
+        domain,
+        namespace,
+        upstream,
+    });
+    server.register_socket(udp);
+    server.register_listener(tcp, TCP_TIMEOUT);
+    tokio::spawn(async move {
+        if let Err(e) = server.block_until_done().await {
+            tracing::warn!(error = %e, "DNS server stopped");
+        }
+    });
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::op::Query;
-    use hickory_proto::rr::Name;
-    use std::str::FromStr;
-
-    fn query(name: &str, kind: RecordType) -> Vec<u8> {
-        let mut m = Message::new();
-        m.set_id(7).set_recursion_desired(true);
-        m.add_query(Query::query(Name::from_str(name).unwrap(), kind));
-        m.to_vec().unwrap()
-    }
 
     fn peers() -> Peers {
         let mut p = Peers::default();
@@ -179,60 +238,193 @@ mod tests {
         p
     }
 
-    fn local(a: Answer) -> Message {
-        match a {
-            Answer::Local(bytes) => Message::from_vec(&bytes).unwrap(),
-            Answer::Relay => panic!("relayed"),
-        }
+    fn decide_a(name: &str, namespace: Option<&str>) -> Decision {
+        decide(name, RecordType::A, &peers(), "skiff.local", namespace)
     }
 
     #[test]
     fn service_names_resolve_to_their_virtual_address() {
+        let web = Decision::Answer {
+            code: ResponseCode::NoError,
+            address: Some(Ipv4Addr::new(198, 18, 128, 1)),
+        };
         for name in ["web.shop.svc.skiff.local.", "web.shop.svc.", "WEB.shop."] {
-            let m = local(answer(&query(name, RecordType::A), &peers(), "skiff.local"));
-            assert_eq!(m.id(), 7);
-            assert_eq!(m.response_code(), ResponseCode::NoError, "{name}");
-            let ips: Vec<String> = m.answers().iter().map(|r| r.data().to_string()).collect();
-            assert_eq!(ips, vec!["198.18.128.1"], "{name}");
+            assert_eq!(decide_a(name, None), web, "{name}");
         }
+        // A bare name is a service of the instance's own namespace.
+        assert_eq!(decide_a("web.", Some("shop")), web);
+        assert_eq!(decide_a("web.", Some("other")), Decision::Relay);
+        assert_eq!(decide_a("web.", None), Decision::Relay);
     }
 
     #[test]
     fn unknown_cluster_names_do_not_exist_and_others_are_relayed() {
-        let m = local(answer(
-            &query("db.shop.svc.skiff.local.", RecordType::A),
-            &peers(),
-            "skiff.local",
-        ));
-        assert_eq!(m.response_code(), ResponseCode::NXDomain);
-        let m = local(answer(
-            &query("web.shop.svc.skiff.local.", RecordType::AAAA),
-            &peers(),
-            "skiff.local",
-        ));
         assert_eq!(
-            (m.response_code(), m.answers().len()),
-            (ResponseCode::NoError, 0)
+            decide_a("db.shop.svc.skiff.local.", None),
+            Decision::Answer {
+                code: ResponseCode::NXDomain,
+                address: None
+            }
         );
         assert_eq!(
-            answer(
-                &query("example.com.", RecordType::A),
+            decide(
+                "web.shop.svc.skiff.local.",
+                RecordType::AAAA,
                 &peers(),
-                "skiff.local"
+                "skiff.local",
+                None
             ),
-            Answer::Relay
+            Decision::Answer {
+                code: ResponseCode::NoError,
+                address: None
+            }
         );
-        assert_eq!(
-            answer(
-                &query("debian.org.", RecordType::A),
-                &peers(),
-                "skiff.local"
+        assert_eq!(decide_a("example.com.", None), Decision::Relay);
+        assert_eq!(decide_a("debian.org.", Some("shop")), Decision::Relay);
+    }
+
+    #[test]
+    fn the_upstream_is_the_hosts_reachable_nameservers() {
+        let conf = b"nameserver 127.0.0.53\nnameserver 198.18.0.53\nnameserver 198.18.0.53\nsearch corp.example\noptions ndots:2\n";
+        let (config, opts) = upstream_config(conf).unwrap();
+        let servers: Vec<SocketAddr> = config
+            .name_servers()
+            .iter()
+            .map(|s| s.socket_addr)
+            .collect();
+        // UDP and TCP to the one reachable server.
+        assert_eq!(servers, vec!["198.18.0.53:53".parse().unwrap(); 2]);
+        assert_eq!(config.search()[0].to_ascii(), "corp.example");
+        assert_eq!(opts.ndots, 2);
+        assert!(upstream_config(b"nameserver 127.0.0.53\n").is_none());
+    }
+
+    /// A stand-in upstream nameserver on loopback: `example.com` has
+    /// 192.0.2.7, every other name does not exist.
+    async fn fake_upstream() -> SocketAddr {
+        use hickory_proto::op::{Message, MessageType};
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 512];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                let Ok(q) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut r = Message::new();
+                r.set_id(q.id())
+                    .set_message_type(MessageType::Response)
+                    .set_recursion_available(true);
+                r.add_queries(q.queries().to_vec());
+                let name = q.queries()[0].name().clone();
+                if name.to_ascii() == "example.com." {
+                    r.add_answer(Record::from_rdata(name, 60, RData::A(A::new(192, 0, 2, 7))));
+                } else {
+                    r.set_response_code(ResponseCode::NXDomain);
+                }
+                let _ = socket.send_to(&r.to_vec().unwrap(), from).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn other_names_are_resolved_upstream() {
+        use std::str::FromStr;
+        let upstream = fake_upstream().await;
+        let config = ResolverConfig::from_parts(
+            None,
+            Vec::new(),
+            NameServerConfigGroup::from_ips_clear(&[upstream.ip()], upstream.port(), true),
+        );
+        let handler = Handler {
+            peers: Arc::new(RwLock::new(peers())),
+            domain: "skiff.local".into(),
+            namespace: Some("shop".into()),
+            upstream: Some(
+                TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+                    .build(),
             ),
-            Answer::Relay
+        };
+        let (code, authoritative, records) = handler
+            .resolve(&Name::from_str("example.com.").unwrap(), RecordType::A)
+            .await;
+        assert_eq!((code, authoritative), (ResponseCode::NoError, false));
+        let ips: Vec<String> = records.iter().map(|r| r.data().to_string()).collect();
+        assert_eq!(ips, vec!["192.0.2.7"]);
+        let (code, _, records) = handler
+            .resolve(&Name::from_str("nowhere.example.").unwrap(), RecordType::A)
+            .await;
+        assert_eq!((code, records.len()), (ResponseCode::NXDomain, 0));
+        // Cluster names never leave the proxy.
+        let (code, authoritative, _) = handler
+            .resolve(&Name::from_str("web.").unwrap(), RecordType::A)
+            .await;
+        assert_eq!((code, authoritative), (ResponseCode::NoError, true));
+    }
+
+    /// The server itself, over UDP and TCP, with no upstream.
+    #[tokio::test]
+    async fn the_server_answers_over_udp_and_tcp() {
+        use hickory_proto::op::{Message, Query};
+        use std::str::FromStr;
+        let listen: SocketAddr = {
+            let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        let mut server = ServerFuture::new(Handler {
+            peers: Arc::new(RwLock::new(peers())),
+            domain: "skiff.local".into(),
+            namespace: Some("shop".into()),
+            upstream: None,
+        });
+        server.register_socket(tokio::net::UdpSocket::bind(listen).await.unwrap());
+        server.register_listener(
+            tokio::net::TcpListener::bind(listen).await.unwrap(),
+            TCP_TIMEOUT,
         );
+        let mut m = Message::new();
+        m.set_id(7).set_recursion_desired(true);
+        m.add_query(Query::query(Name::from_str("web.").unwrap(), RecordType::A));
+        let query = m.to_vec().unwrap();
+        // UDP.
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.send_to(&query, listen).await.unwrap();
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let reply = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(reply.id(), 7);
+        let ips: Vec<String> = reply
+            .answers()
+            .iter()
+            .map(|r| r.data().to_string())
+            .collect();
+        assert_eq!(ips, vec!["198.18.128.1"]);
+        // TCP: two-byte length, then the message.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+        let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(&query);
+        tcp.write_all(&framed).await.unwrap();
+        let len = tcp.read_u16().await.unwrap() as usize;
+        let mut body = vec![0u8; len];
+        tcp.read_exact(&mut body).await.unwrap();
+        assert_eq!(Message::from_vec(&body).unwrap().answers().len(), 1);
+        // Not a cluster name, and no upstream: SERVFAIL, not silence.
+        let mut m = Message::new();
+        m.set_id(8);
+        m.add_query(Query::query(
+            Name::from_str("example.com.").unwrap(),
+            RecordType::A,
+        ));
+        client.send_to(&m.to_vec().unwrap(), listen).await.unwrap();
+        let n = client.recv(&mut buf).await.unwrap();
         assert_eq!(
-            answer(b"\x00garbage", &peers(), "skiff.local"),
-            Answer::Local(Vec::new())
+            Message::from_vec(&buf[..n]).unwrap().response_code(),
+            ResponseCode::ServFail
         );
     }
 }

@@ -81,10 +81,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         spawn_peers_reload(path.clone(), peers.clone());
     }
     if let Some(dns) = &config.dns {
-        let socket = tokio::net::UdpSocket::bind(dns.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("dns {}: cannot listen: {e}", dns.listen))?;
-        tokio::spawn(dns::serve(socket, peers.clone(), dns.domain.clone()));
+        dns::serve(
+            dns.listen,
+            peers.clone(),
+            dns.domain.clone(),
+            dns.namespace.clone(),
+        )
+        .await?;
     }
     let (ready_tx, ready_rx) = watch::channel(false);
     let admin = server::bind(config.admin, "admin")

@@ -270,6 +270,26 @@ fn apps_talk_plainly_and_only_tls_crosses_between_nodes() {
     let by_name =
         curl_in(&web_ns, &format!("http://{name}:8080/")).unwrap_or_else(|e| panic!("{e}"));
     assert!(by_name.contains(&format!("db-{suffix}")), "{by_name}");
+    // A bare name is a service of the caller's own namespace; and DNS
+    // over TCP is answered too.
+    let bare = Command::new("ip")
+        .args(["netns", "exec", &web_ns, "getent", "hosts", "db"])
+        .output()
+        .unwrap_or_else(|e| panic!("getent: {e}"));
+    let bare = String::from_utf8_lossy(&bare.stdout).to_string();
+    assert_eq!(bare.split_whitespace().next(), Some(vip.as_str()), "{bare}");
+    let tcp = Command::new("ip")
+        .args([
+            "netns", "exec", &web_ns, "dig", "+tcp", "+short", "+time=3", "+tries=1", name,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("dig: {e}"));
+    assert_eq!(
+        String::from_utf8_lossy(&tcp.stdout).trim(),
+        vip,
+        "{}",
+        String::from_utf8_lossy(&tcp.stderr)
+    );
 
     // The ingress gateway: plain HTTP on a localhost port, mTLS into the
     // mesh as its own identity, balanced over db's instances.

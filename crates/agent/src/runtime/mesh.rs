@@ -94,7 +94,11 @@ impl Mesh {
             "inbound": [{"listen": format!("0.0.0.0:{INBOUND_PORT}"), "transparent": true}],
             "outbound": [{"listen": format!("127.0.0.1:{OUTBOUND_PORT}"), "transparent": true}],
             "peersFile": self.discovery.path(),
-            "dns": {"listen": format!("127.0.0.1:{DNS_PORT}"), "domain": self.trust_domain},
+            "dns": {
+                "listen": format!("127.0.0.1:{DNS_PORT}"),
+                "domain": self.trust_domain,
+                "namespace": plan.namespace,
+            },
             "drainSeconds": 5,
         });
         write_atomic(&config, text.to_string().as_bytes(), 0o644, None)?;
@@ -255,8 +259,9 @@ pub fn interception_rules(gateway: Ipv4Addr) -> String {
          -A PREROUTING -p tcp -s {gateway}/32 -j RETURN\n\
          -A PREROUTING -p tcp --dport {ADMIN_PORT} -j RETURN\n\
          -A PREROUTING -p tcp -j REDIRECT --to-ports {INBOUND_PORT}\n\
-         -A OUTPUT -p tcp -o lo -j RETURN\n\
          -A OUTPUT -p tcp -m owner --uid-owner {PROXY_UID} -j RETURN\n\
+         -A OUTPUT -p tcp --dport 53 -j REDIRECT --to-ports {DNS_PORT}\n\
+         -A OUTPUT -p tcp -o lo -j RETURN\n\
          -A OUTPUT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}\n\
          -A OUTPUT -p udp --dport 53 -m owner ! --uid-owner {PROXY_UID} -j REDIRECT --to-ports {DNS_PORT}\n\
          COMMIT\n"
@@ -306,6 +311,10 @@ mod tests {
         assert!(at("--dport 4191 -j RETURN") < at("--to-ports 15006"));
         assert!(at("--uid-owner 1337 -j RETURN") < at("--to-ports 15001"));
         assert!(at("-o lo -j RETURN") < at("--to-ports 15001"));
+        // DNS over TCP too, whatever nameserver (even a loopback one) it
+        // was sent to; the proxy's own queries go out.
+        assert!(at("--uid-owner 1337 -j RETURN") < at("--dport 53 -j REDIRECT --to-ports 15053"));
+        assert!(at("-p tcp --dport 53") < at("-o lo -j RETURN"));
         assert_eq!(lines.last(), Some(&"COMMIT"));
     }
 }
