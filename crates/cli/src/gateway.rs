@@ -17,7 +17,7 @@ const ACCOUNT: &str = "gateway";
 
 /// Runs the gateway until `shutdown`: `listen` (plain HTTP or TCP from
 /// outside the mesh) to `target` (`<service>.<namespace>:<port>`). Files
-/// (key, certificates, the peers table) live in `dir`.
+/// (key, certificates, the discovery socket) live in `dir`.
 pub async fn run(
     client: Client,
     dir: &Path,
@@ -29,7 +29,7 @@ pub async fn run(
     std::fs::create_dir_all(dir)?;
     let id = SpiffeId::new(trust_domain, NAMESPACE, ACCOUNT)?;
     let not_after = issue(&client, dir, &id).await?;
-    let peers = dir.join("peers.json");
+    let peers = dir.join("discovery.sock");
     let cache = skiff_agent::cache::Cache::follow(&client, &["instances", "services", "routes"]);
     let discovery = skiff_agent::runtime::discovery::Discovery::new(peers.clone(), trust_domain);
     tokio::spawn(discovery.follow(cache));
@@ -57,7 +57,7 @@ pub async fn run(
             "keyFile": dir.join("tls.key"),
         },
         "outbound": [{"listen": listen.to_string(), "target": target}],
-        "peersFile": peers,
+        "discovery": peers,
     });
     let config = skiff_proxy::config::Config::parse(&config.to_string())
         .map_err(|e| anyhow::anyhow!("gateway config: {e}"))?;

@@ -31,6 +31,9 @@ pub struct Config {
     /// addresses are meshed and what identity each must prove (re-read
     /// when it changes): `{"peers": {"<ip>": "spiffe://…"}}`.
     pub peers_file: Option<PathBuf>,
+    /// The node's discovery stream (a unix socket the agent serves): the
+    /// same table as a peers file, as updates.
+    pub discovery: Option<PathBuf>,
     /// Cluster DNS for the instance (names from the peers file).
     pub dns: Option<DnsConfig>,
     pub timeouts: Timeouts,
@@ -308,6 +311,7 @@ struct RawConfig {
     #[serde(default)]
     services: BTreeMap<String, RawService>,
     peers_file: Option<PathBuf>,
+    discovery: Option<PathBuf>,
     dns: Option<DnsConfig>,
     #[serde(default)]
     timeouts: RawTimeouts,
@@ -735,6 +739,7 @@ impl RawConfig {
             outbound,
             services,
             peers_file: self.peers_file,
+            discovery: self.discovery,
             dns: self.dns,
             timeouts: Timeouts {
                 connect: Duration::from_millis(self.timeouts.connect_ms),

@@ -7,6 +7,7 @@ pub mod balance;
 pub mod budget;
 pub mod config;
 pub mod detect;
+pub mod discovery;
 pub mod dns;
 pub mod http;
 pub mod io;
@@ -79,6 +80,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let peers = Arc::new(std::sync::RwLock::new(transparent::Peers::default()));
     if let Some(path) = &config.peers_file {
         spawn_peers_reload(path.clone(), peers.clone());
+    }
+    if let Some(path) = &config.discovery {
+        discovery::follow(path.clone(), peers.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
     }
     if let Some(dns) = &config.dns {
         dns::serve(

@@ -98,131 +98,194 @@ impl Peers {
     }
 }
 
-/// Reads a peers file: `{"version": N, "peers": {"<ip>": "spiffe://…", …},
-/// "services": {"<virtual ip>": {"name": "ns/svc", "endpoints": ["<ip>", …]}}}`.
-/// Errors name the file and the entry.
+/// The sections of the peers table, as files and the discovery stream
+/// name them.
+pub const SECTIONS: [&str; 4] = ["peers", "services", "routes", "inbound"];
+
+impl Peers {
+    /// Applies one update from the discovery stream: `{"version": N,
+    /// "revisions": {…}, "snapshot": bool, "set": {section: {key: entry}},
+    /// "remove": {section: [key, …]}}`. A snapshot replaces everything.
+    /// Every entry is checked before anything changes; errors name the
+    /// entry (under `at`) and leave the table as it was.
+    pub fn apply(&mut self, update: &serde_json::Value, at: &str) -> Result<(), String> {
+        let mut next = if update.get("snapshot").and_then(|v| v.as_bool()) == Some(true) {
+            Peers::default()
+        } else {
+            self.clone()
+        };
+        let empty = serde_json::Map::new();
+        let set = update
+            .get("set")
+            .and_then(|v| v.as_object())
+            .unwrap_or(&empty);
+        let remove = update
+            .get("remove")
+            .and_then(|v| v.as_object())
+            .unwrap_or(&empty);
+        for section in SECTIONS {
+            for key in remove
+                .get(section)
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|k| k.as_str())
+            {
+                next.remove(section, key);
+            }
+            for (key, entry) in set
+                .get(section)
+                .and_then(|v| v.as_object())
+                .into_iter()
+                .flatten()
+            {
+                next.set(section, key, entry, &format!("{at}{section}.{key}"))?;
+            }
+        }
+        next.version = update.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        if let Some(r) = update.get("revisions") {
+            next.revisions = serde_json::from_value(r.clone()).unwrap_or_default();
+        }
+        *self = next;
+        Ok(())
+    }
+
+    fn remove(&mut self, section: &str, key: &str) {
+        let ip = key.parse::<IpAddr>().ok();
+        match (section, ip) {
+            ("routes", _) => {
+                self.routes.remove(key);
+            }
+            ("peers", Some(ip)) => {
+                self.table.remove(&ip);
+            }
+            ("services", Some(ip)) => {
+                if let Some(vs) = self.services.remove(&ip) {
+                    self.by_name.remove(&vs.name);
+                }
+            }
+            ("inbound", Some(ip)) => {
+                self.inbound.remove(&ip);
+            }
+            _ => {}
+        }
+    }
+
+    /// Sets one entry, checked; `at` names it in errors.
+    fn set(
+        &mut self,
+        section: &str,
+        key: &str,
+        entry: &serde_json::Value,
+        at: &str,
+    ) -> Result<(), String> {
+        let addr = || key.parse::<IpAddr>().map_err(|e| format!("{at}: {e}"));
+        match section {
+            "peers" => {
+                let id = entry
+                    .as_str()
+                    .ok_or_else(|| format!("{at}: expected a spiffe:// string"))?
+                    .parse::<SpiffeId>()
+                    .map_err(|e| format!("{at}: {e}"))?;
+                self.table.insert(addr()?, id);
+            }
+            "services" => {
+                let vip = addr()?;
+                let name = entry
+                    .get("name")
+                    .and_then(|n| n.as_str())
+                    .unwrap_or_default()
+                    .to_string();
+                let endpoints = entry
+                    .get("endpoints")
+                    .and_then(|e| e.as_array())
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        e.as_str()
+                            .and_then(|e| e.parse::<IpAddr>().ok())
+                            .ok_or_else(|| format!("{at}.endpoints: {e} is not an address"))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                if let Some(old) = self.services.get(&vip)
+                    && old.name != name
+                {
+                    self.by_name.remove(&old.name);
+                }
+                self.by_name.insert(name.clone(), vip);
+                self.services
+                    .insert(vip, VirtualService { name, endpoints });
+            }
+            "routes" => {
+                let raw: Vec<RawRoute> =
+                    serde_json::from_value(entry.clone()).map_err(|e| format!("{at}: {e}"))?;
+                let mut backends = vec![key.to_string()];
+                let mut routes = Vec::new();
+                for (i, r) in raw.iter().enumerate() {
+                    routes.push(r.check(&format!("{at}[{i}]"), |_, name| {
+                        Ok(match backends.iter().position(|b| b == name) {
+                            Some(k) => k,
+                            None => {
+                                backends.push(name.to_string());
+                                backends.len() - 1
+                            }
+                        })
+                    })?);
+                }
+                self.routes
+                    .insert(key.to_string(), ServiceRoutes { backends, routes });
+            }
+            "inbound" => {
+                let rules = |field: &str| -> Result<Option<Vec<HttpRule>>, String> {
+                    let Some(list) = entry.get(field).filter(|v| !v.is_null()) else {
+                        return Ok(None);
+                    };
+                    let raw: Vec<RawHttpRule> = serde_json::from_value(list.clone())
+                        .map_err(|e| format!("{at}.{field}: {e}"))?;
+                    raw.iter()
+                        .enumerate()
+                        .map(|(k, r)| r.check(&format!("{at}.{field}[{k}]")))
+                        .collect::<Result<Vec<_>, String>>()
+                        .map(Some)
+                };
+                let policy = InboundPolicy {
+                    http: rules("http")?,
+                    plaintext: rules("plaintext")?.unwrap_or_default(),
+                };
+                self.inbound.insert(addr()?, policy);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Reads a peers file: the table's sections at the top level,
+/// `{"version": N, "peers": {"<ip>": "spiffe://…"}, "services": {"<virtual
+/// ip>": {"name": "ns/svc", "endpoints": ["<ip>"]}}, "routes": {…},
+/// "inbound": {…}}`. Errors name the file and the entry.
 pub fn load_peers(path: &Path) -> Result<Peers, String> {
     let at = path.display();
     let text = std::fs::read_to_string(path).map_err(|e| format!("{at}: {e}"))?;
     let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{at}: {e}"))?;
-    let Some(map) = doc.get("peers").and_then(|p| p.as_object()) else {
+    if doc.get("peers").and_then(|p| p.as_object()).is_none() {
         return Err(format!(
             "{at}: expected {{\"peers\": {{\"<ip>\": \"spiffe://…\"}}}}"
         ));
-    };
-    let version = doc.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-    let table = map
-        .iter()
-        .map(|(ip, id)| {
-            let addr: IpAddr = ip.parse().map_err(|e| format!("{at}: peers.{ip}: {e}"))?;
-            let id = id
-                .as_str()
-                .ok_or_else(|| format!("{at}: peers.{ip}: expected a spiffe:// string"))?
-                .parse::<SpiffeId>()
-                .map_err(|e| format!("{at}: peers.{ip}: {e}"))?;
-            Ok((addr, id))
-        })
-        .collect::<Result<_, String>>()?;
-    let mut services = HashMap::new();
-    if let Some(map) = doc.get("services").and_then(|s| s.as_object()) {
-        for (vip, s) in map {
-            let at = format!("{at}: services.{vip}");
-            let addr: IpAddr = vip.parse().map_err(|e| format!("{at}: {e}"))?;
-            let name = s
-                .get("name")
-                .and_then(|n| n.as_str())
-                .unwrap_or_default()
-                .to_string();
-            let endpoints = s
-                .get("endpoints")
-                .and_then(|e| e.as_array())
-                .map(|list| {
-                    list.iter()
-                        .map(|e| {
-                            e.as_str()
-                                .and_then(|e| e.parse::<IpAddr>().ok())
-                                .ok_or_else(|| format!("{at}.endpoints: {e} is not an address"))
-                        })
-                        .collect::<Result<Vec<_>, String>>()
-                })
-                .transpose()?
-                .unwrap_or_default();
-            services.insert(addr, VirtualService { name, endpoints });
-        }
     }
-    let by_name = services
+    let set: serde_json::Map<String, serde_json::Value> = SECTIONS
         .iter()
-        .map(|(vip, s)| (s.name.clone(), *vip))
+        .filter_map(|s| Some((s.to_string(), doc.get(*s)?.clone())))
         .collect();
-    let section = |name: &str| {
-        doc.get(name)
-            .and_then(|v| v.as_object())
-            .into_iter()
-            .flatten()
-    };
-    let mut routes = HashMap::new();
-    for (service, list) in section("routes") {
-        let at = format!("{at}: routes.{service}");
-        let raw: Vec<RawRoute> =
-            serde_json::from_value(list.clone()).map_err(|e| format!("{at}: {e}"))?;
-        let mut backends = vec![service.clone()];
-        let mut checked = Vec::new();
-        for (i, r) in raw.iter().enumerate() {
-            checked.push(r.check(&format!("{at}[{i}]"), |_, name| {
-                Ok(match backends.iter().position(|b| b == name) {
-                    Some(k) => k,
-                    None => {
-                        backends.push(name.to_string());
-                        backends.len() - 1
-                    }
-                })
-            })?);
-        }
-        routes.insert(
-            service.clone(),
-            ServiceRoutes {
-                backends,
-                routes: checked,
-            },
-        );
-    }
-    let mut inbound = HashMap::new();
-    for (ip, policy) in section("inbound") {
-        let at = format!("{at}: inbound.{ip}");
-        let addr: IpAddr = ip.parse().map_err(|e| format!("{at}: {e}"))?;
-        let rules = |field: &str| -> Result<Option<Vec<HttpRule>>, String> {
-            let Some(list) = policy.get(field).filter(|v| !v.is_null()) else {
-                return Ok(None);
-            };
-            let raw: Vec<RawHttpRule> =
-                serde_json::from_value(list.clone()).map_err(|e| format!("{at}.{field}: {e}"))?;
-            raw.iter()
-                .enumerate()
-                .map(|(k, r)| r.check(&format!("{at}.{field}[{k}]")))
-                .collect::<Result<Vec<_>, String>>()
-                .map(Some)
-        };
-        inbound.insert(
-            addr,
-            InboundPolicy {
-                http: rules("http")?,
-                plaintext: rules("plaintext")?.unwrap_or_default(),
-            },
-        );
-    }
-    let revisions = doc
-        .get("revisions")
-        .and_then(|r| serde_json::from_value(r.clone()).ok())
-        .unwrap_or_default();
-    Ok(Peers {
-        version,
-        table,
-        services,
-        by_name,
-        routes,
-        inbound,
-        revisions,
-    })
+    let update = serde_json::json!({
+        "version": doc.get("version").cloned().unwrap_or_default(),
+        "revisions": doc.get("revisions").cloned().unwrap_or_default(),
+        "snapshot": true,
+        "set": set,
+    });
+    let mut peers = Peers::default();
+    peers.apply(&update, &format!("{at}: "))?;
+    Ok(peers)
 }
 
 /// Where a redirected connection was headed.

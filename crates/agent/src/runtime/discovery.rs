@@ -1,18 +1,22 @@
-//! Mesh discovery on a node: one peers file for every local proxy, written
-//! from the agent's copy of the cluster ([`crate::cache`]), and the way
-//! back: each proxy's acknowledgement of what it applied (published in the
+//! Mesh discovery on a node: one stream for every local proxy, made from
+//! the agent's copy of the cluster ([`crate::cache`]), and the way back:
+//! each proxy's acknowledgement of what it applied (published in the
 //! Node's status for rollouts to wait on) and its L7 denials (merged into
 //! the node's flow records for `skiff flows`).
 //!
-//! The file holds, numbered by `version` and stamped with the control
-//! plane revision of each kind it reflects:
+//! The stream is JSON lines on a unix socket: a proxy writes `since N`
+//! (its version, 0 at first) and gets the updates after N (or a snapshot
+//! when N is too old), then each new update as it is made. An update is
+//! `{"version", "revisions", "snapshot", "set": {section: {key: entry}},
+//! "remove": {section: [key]}}`, numbered consecutively and stamped with
+//! the control plane revision of each kind it reflects. The sections:
 //! - `peers`: every addressed instance's identity;
 //! - `services`: every Service's virtual address and ready instances;
 //! - `routes`: the `Route` rules of each service, in the proxy's format;
 //! - `inbound`: per local instance, the L7 rules of the policies that
 //!   select it and the sources policy lets in without mTLS.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -29,22 +33,102 @@ use skiff_identity::SpiffeId;
 use skiff_netpol::PolicyRule;
 use skiff_netpol::model::{Namespaces, Peer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
 use crate::cache::{Cache, LocalInstances, State};
 
-/// A node's (or a gateway's) peers file and the local instances it covers.
+/// A node's (or a gateway's) discovery stream and the local instances it
+/// covers.
 #[derive(Debug)]
 pub struct Discovery {
+    /// The unix socket proxies subscribe on.
     path: PathBuf,
     trust_domain: String,
+    published: Mutex<Published>,
+    updates: broadcast::Sender<Update>,
     /// Local instances (`ns/name`) → address, and a generation bumped on
     /// each change.
     local: Mutex<(u64, BTreeMap<String, Ipv4Addr>)>,
     wake: Notify,
-    /// The local generation the file last written covers.
+    /// The local generation the last published update covers.
     written: watch::Sender<u64>,
 }
+
+/// One update line and its version.
+type Update = (u64, Arc<str>);
+
+/// What has been published: the whole table as of `version`, and the
+/// recent updates, for subscribers catching up.
+#[derive(Debug, Default)]
+struct Published {
+    version: u64,
+    table: Value,
+    recent: VecDeque<Update>,
+}
+
+/// Updates kept for subscribers that reconnect.
+const KEPT_UPDATES: usize = 256;
+
+impl Published {
+    /// The snapshot update of the current table.
+    fn snapshot(&self) -> Arc<str> {
+        let mut set = self.table.clone();
+        let revisions = set
+            .as_object_mut()
+            .and_then(|m| m.remove("revisions"))
+            .unwrap_or_default();
+        if let Some(m) = set.as_object_mut() {
+            m.remove("version");
+        }
+        let line = json!({
+            "version": self.version,
+            "revisions": revisions,
+            "snapshot": true,
+            "set": set,
+        });
+        Arc::from(format!("{line}\n"))
+    }
+}
+
+/// The update from table `old` to `new` (both as [`render`] makes them):
+/// entries set (new or changed) and removed, per section.
+pub fn delta(old: &Value, new: &Value) -> Value {
+    let mut set = Map::new();
+    let mut remove = Map::new();
+    let empty = Map::new();
+    for section in SECTIONS {
+        let before = old
+            .get(section)
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        let after = new
+            .get(section)
+            .and_then(Value::as_object)
+            .unwrap_or(&empty);
+        let changed: Map<String, Value> = after
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let gone: Vec<&String> = before.keys().filter(|k| !after.contains_key(*k)).collect();
+        if !changed.is_empty() {
+            set.insert(section.to_string(), Value::Object(changed));
+        }
+        if !gone.is_empty() {
+            remove.insert(section.to_string(), json!(gone));
+        }
+    }
+    json!({
+        "version": new["version"],
+        "revisions": new["revisions"],
+        "snapshot": false,
+        "set": set,
+        "remove": remove,
+    })
+}
+
+/// The table's sections (as the proxy reads them).
+const SECTIONS: [&str; 4] = ["peers", "services", "routes", "inbound"];
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -55,6 +139,8 @@ impl Discovery {
         Arc::new(Discovery {
             path,
             trust_domain: trust_domain.to_string(),
+            published: Mutex::new(Published::default()),
+            updates: broadcast::channel(1024).0,
             local: Mutex::new((0, BTreeMap::new())),
             wake: Notify::new(),
             written: watch::channel(0).0,
@@ -66,8 +152,9 @@ impl Discovery {
     }
 
     /// Registers a local instance before its proxy starts; returns once the
-    /// peers file holds its inbound policy (or fails after `within`): a
-    /// proxy never serves its instance without the policy that governs it.
+    /// published table holds its inbound policy (or fails after `within`):
+    /// a proxy never serves its instance without the policy that governs
+    /// it.
     pub async fn admit(&self, id: &str, address: Ipv4Addr, within: Duration) -> Result<(), String> {
         let generation = {
             let mut local = lock(&self.local);
@@ -80,7 +167,7 @@ impl Discovery {
         match tokio::time::timeout(within, written.wait_for(|g| *g >= generation)).await {
             Ok(Ok(_)) => Ok(()),
             _ => Err(format!(
-                "the mesh peers file did not take {id} within {}s",
+                "mesh discovery did not take {id} within {}s",
                 within.as_secs()
             )),
         }
@@ -102,10 +189,25 @@ impl Discovery {
         lock(&self.local).1.clone()
     }
 
-    /// Keeps the peers file equal to what the local proxies must know,
-    /// rewritten (atomically, numbered) after each change settles. Runs
-    /// until the task ends.
+    /// Serves the stream on its unix socket (replacing a stale one) and
+    /// publishes an update after each change settles. Runs until the task
+    /// ends.
     pub async fn follow(self: Arc<Self>, cache: Arc<Cache>) {
+        let _ = std::fs::remove_file(&self.path);
+        match tokio::net::UnixListener::bind(&self.path) {
+            Ok(listener) => {
+                // The proxies run as their own user.
+                let _ = std::fs::set_permissions(
+                    &self.path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o666),
+                );
+                tokio::spawn(self.clone().serve(listener));
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "Cannot serve mesh discovery");
+                return;
+            }
+        }
         let mut changes = cache.subscribe();
         changes.mark_changed();
         let mut version = 0u64;
@@ -119,16 +221,102 @@ impl Discovery {
             tokio::time::sleep(Duration::from_millis(20)).await;
             version += 1;
             let (generation, local) = lock(&self.local).clone();
-            let text = {
+            let table = {
                 let s = cache.state();
                 known.update(&s, local.keys());
-                render(&s, &known, &self.trust_domain, &local, version).to_string()
+                render(&s, &known, &self.trust_domain, &local, version)
             };
-            match super::mesh::write_atomic(&self.path, text.as_bytes(), 0o644, None) {
-                Ok(()) => {
-                    self.written.send_replace(generation);
+            self.publish(table);
+            self.written.send_replace(generation);
+        }
+    }
+
+    /// Publishes the update from the last table to `table`.
+    fn publish(&self, table: Value) {
+        let mut p = lock(&self.published);
+        let update = delta(&p.table, &table);
+        let line: Arc<str> = Arc::from(format!("{update}\n"));
+        p.version = table["version"].as_u64().unwrap_or(0);
+        p.table = table;
+        if p.recent.len() == KEPT_UPDATES {
+            p.recent.pop_front();
+        }
+        let version = p.version;
+        p.recent.push_back((version, line.clone()));
+        // Sent under the lock: a subscriber joining sees each update once,
+        // either in what it catches up on or from the channel.
+        let _ = self.updates.send((version, line));
+    }
+
+    /// What a subscriber that has `since` gets first: the updates after it,
+    /// or a snapshot when those are no longer kept (or it has nothing);
+    /// with the version that brings it to, and a receiver for the rest.
+    fn catch_up(&self, since: u64) -> (Vec<Arc<str>>, u64, broadcast::Receiver<Update>) {
+        let p = lock(&self.published);
+        let rx = self.updates.subscribe();
+        let kept_from = p.recent.front().map_or(u64::MAX, |(v, _)| *v);
+        let lines = if since == p.version {
+            Vec::new()
+        } else if since > 0 && since < p.version && since + 1 >= kept_from {
+            p.recent
+                .iter()
+                .filter(|(v, _)| *v > since)
+                .map(|(_, l)| l.clone())
+                .collect()
+        } else {
+            vec![p.snapshot()]
+        };
+        (lines, p.version, rx)
+    }
+
+    async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.subscriber(stream).await {
+                    tracing::debug!(error = %e, "Discovery subscriber gone");
                 }
-                Err(e) => tracing::warn!(error = %e, "Cannot write the mesh peers file"),
+            });
+        }
+    }
+
+    /// One proxy's subscription: `since N\n`, then updates as lines.
+    async fn subscriber(&self, stream: tokio::net::UnixStream) -> std::io::Result<()> {
+        use tokio::io::AsyncBufReadExt;
+        let (read, mut write) = stream.into_split();
+        let mut first = String::new();
+        tokio::io::BufReader::new(read)
+            .read_line(&mut first)
+            .await?;
+        let since = first
+            .trim()
+            .strip_prefix("since ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        let (lines, mut at, mut rx) = self.catch_up(since);
+        for line in lines {
+            write.write_all(line.as_bytes()).await?;
+        }
+        loop {
+            match rx.recv().await {
+                Ok((version, line)) if version > at => {
+                    write.write_all(line.as_bytes()).await?;
+                    at = version;
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Too slow for the updates: start it over.
+                    let (lines, now, fresh) = self.catch_up(0);
+                    for line in lines {
+                        write.write_all(line.as_bytes()).await?;
+                    }
+                    (at, rx) = (now, fresh);
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }
         }
     }
@@ -810,6 +998,99 @@ mod tests {
         let inbound = &peers.inbound[&"198.19.16.2".parse().unwrap()];
         assert_eq!(inbound.http.as_ref().unwrap().len(), 3);
         assert!(inbound.plaintext[0].sources[0].contains("10.1.1.1".parse().unwrap()));
+    }
+
+    /// A table as `render` makes it, with the given services.
+    fn table(version: u64, services: &[(&str, &str)]) -> Value {
+        let services: Map<String, Value> = services
+            .iter()
+            .map(|(vip, name)| (vip.to_string(), json!({"name": name, "endpoints": []})))
+            .collect();
+        json!({"version": version, "revisions": {"services": version * 10}, "peers": {},
+               "services": services, "routes": {}, "inbound": {}})
+    }
+
+    #[test]
+    fn deltas_carry_only_changes_and_catching_up_replays_them() {
+        let d = Discovery::new(PathBuf::from("/nonexistent"), "td");
+        d.publish(table(1, &[("198.18.128.1", "shop/db")]));
+        // A proxy at version 1.
+        let by_deltas = std::sync::RwLock::new(skiff_proxy::transparent::Peers::default());
+        let at_one: Value = serde_json::from_str(&d.catch_up(0).0[0]).unwrap();
+        skiff_proxy::discovery::apply(&by_deltas, &at_one).unwrap();
+        d.publish(table(
+            2,
+            &[("198.18.128.1", "shop/db"), ("198.18.128.2", "shop/web")],
+        ));
+        d.publish(table(3, &[("198.18.128.2", "shop/web")]));
+        let (lines, at, _) = d.catch_up(1);
+        assert_eq!(at, 3);
+        let updates: Vec<Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            updates[0]["set"],
+            json!({"services": {"198.18.128.2": {"name": "shop/web", "endpoints": []}}})
+        );
+        assert_eq!(updates[1]["remove"], json!({"services": ["198.18.128.1"]}));
+        assert_eq!(updates[1]["set"], json!({}));
+        // Caught up from version 1 or from a snapshot: the same table.
+        for u in &updates {
+            skiff_proxy::discovery::apply(&by_deltas, u).unwrap();
+        }
+        let (first, _, _) = d.catch_up(0);
+        assert_eq!(first.len(), 1, "a snapshot");
+        let by_snapshot = std::sync::RwLock::new(skiff_proxy::transparent::Peers::default());
+        skiff_proxy::discovery::apply(&by_snapshot, &serde_json::from_str(&first[0]).unwrap())
+            .unwrap();
+        let (a, b) = (by_snapshot.read().unwrap(), by_deltas.read().unwrap());
+        assert_eq!(a.by_name, b.by_name);
+        assert_eq!(a.services, b.services);
+        assert_eq!((a.version, b.version), (3, 3));
+        assert_eq!(a.revisions.get("services"), Some(&30));
+        assert_eq!(d.catch_up(3).0.len(), 0, "nothing new");
+        assert_eq!(
+            d.catch_up(99).0.len(),
+            1,
+            "from another agent run: a snapshot"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_proxy_follows_the_stream_on_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("discovery.sock");
+        let d = Discovery::new(path.clone(), "td");
+        d.publish(table(1, &[("198.18.128.1", "shop/db")]));
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(d.clone().serve(listener));
+        let peers = Arc::new(std::sync::RwLock::new(
+            skiff_proxy::transparent::Peers::default(),
+        ));
+        skiff_proxy::discovery::follow(path, peers.clone())
+            .await
+            .unwrap();
+        assert_eq!(peers.read().unwrap().version, 1);
+        for v in 2..=40 {
+            d.publish(table(
+                v,
+                &[
+                    ("198.18.128.1", "shop/db"),
+                    ("198.18.128.9", &format!("shop/s{v}")),
+                ],
+            ));
+        }
+        for _ in 0..100 {
+            if peers.read().unwrap().version == 40 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let p = peers.read().unwrap();
+        assert_eq!(p.version, 40);
+        assert_eq!(p.services.len(), 2);
+        assert!(p.by_name.contains_key("shop/s40"));
     }
 
     #[test]

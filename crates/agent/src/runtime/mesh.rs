@@ -64,12 +64,11 @@ impl Mesh {
         let dir = PathBuf::from("/run/skiff-mesh").join(tag);
         let _ = std::fs::remove_dir_all(&dir);
         create_dir(&dir)?;
-        let peers = dir.join("peers.json");
-        write_atomic(&peers, b"{\"peers\": {}}", 0o644, None)?;
+        let socket = dir.join("discovery.sock");
         Ok(Mesh {
             dir,
             trust_domain: trust_domain.to_string(),
-            discovery: Discovery::new(peers, trust_domain),
+            discovery: Discovery::new(socket, trust_domain),
             acks: ClusterAcks::new(client.clone()),
         })
     }
@@ -93,7 +92,7 @@ impl Mesh {
             },
             "inbound": [{"listen": format!("0.0.0.0:{INBOUND_PORT}"), "transparent": true}],
             "outbound": [{"listen": format!("127.0.0.1:{OUTBOUND_PORT}"), "transparent": true}],
-            "peersFile": self.discovery.path(),
+            "discovery": self.discovery.path(),
             "dns": {
                 "listen": format!("127.0.0.1:{DNS_PORT}"),
                 "domain": self.trust_domain,
