@@ -23,6 +23,9 @@ pub struct State {
     pub services: BTreeMap<String, Vec<NamedPort>>,
     /// `ns/name` of a Service → its virtual address.
     pub virtual_addresses: BTreeMap<String, String>,
+    /// `ns/name` of a Service → its ports declared `tcp`: bytes only, no
+    /// protocol detection (server-first protocols get no detection delay).
+    pub opaque_ports: BTreeMap<String, Vec<u16>>,
     /// Namespace labels (namespace selectors match them).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub instances: BTreeMap<String, Value>,
@@ -123,6 +126,7 @@ fn clear(s: &mut State, plural: &str) {
         "services" => {
             s.services.clear();
             s.virtual_addresses.clear();
+            s.opaque_ports.clear();
         }
         "instances" => s.instances.clear(),
         "routes" => s.routes.clear(),
@@ -144,6 +148,15 @@ fn put(s: &mut State, plural: &str, v: &Value) {
         }
         "services" => {
             s.services.insert(id.clone(), cluster::service_ports(v));
+            let opaque: Vec<u16> = v
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter(|p| p.get("protocol").and_then(Value::as_str) == Some("tcp"))
+                .filter_map(|p| u16::try_from(p.get("port")?.as_u64()?).ok())
+                .collect();
+            s.opaque_ports.insert(id.clone(), opaque);
             match v.pointer("/status/virtualAddress").and_then(Value::as_str) {
                 Some(vip) => s.virtual_addresses.insert(id, vip.to_string()),
                 None => s.virtual_addresses.remove(&id),
@@ -173,6 +186,7 @@ fn remove(s: &mut State, plural: &str, v: &Value) {
         "services" => {
             s.services.remove(&id);
             s.virtual_addresses.remove(&id);
+            s.opaque_ports.remove(&id);
         }
         "routes" => {
             s.routes.remove(&id);

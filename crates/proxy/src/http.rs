@@ -44,8 +44,16 @@ pub struct Forwarder {
     pub port: u16,
     /// Inbound: sources a policy lets in without mTLS on this port.
     pub plaintext: Vec<Source>,
+    /// Bytes only, no protocol detection: the destination port is declared
+    /// `tcp` (inside mTLS, on the inbound side).
+    pub opaque: bool,
     /// Inbound: never retry (the caller's proxy does).
     pub retries: bool,
+    /// Tell the app who called (inbound, and the ingress gateway): the
+    /// caller's address appended to `x-forwarded-for`, its verified
+    /// identity in `x-skiff-client-id` (any such header from the caller
+    /// is replaced, so the app can trust it).
+    pub forwarded_for: bool,
     pub metrics: Arc<Metrics>,
 }
 
@@ -134,6 +142,9 @@ impl Forwarder {
                 Label::default(),
                 text(StatusCode::FORBIDDEN, &denial.message),
             );
+        }
+        if self.forwarded_for {
+            tell_app_the_caller(req.headers_mut(), peer);
         }
         let Some(route) = pick_route(&self.routes, &req).or(self.default_route.as_ref()) else {
             return (
@@ -448,6 +459,28 @@ pub fn authorize(
         message: format!("denied by {policy}: {method} {path} from {who}\n"),
         policy,
     })
+}
+
+/// The header carrying the caller's verified SPIFFE identity.
+pub const CLIENT_ID: &str = "x-skiff-client-id";
+
+/// Appends the caller's address to `x-forwarded-for` and sets (or clears)
+/// `x-skiff-client-id` from its verified identity.
+fn tell_app_the_caller(headers: &mut HeaderMap, peer: &Peer) {
+    headers.remove(CLIENT_ID);
+    if let Some(id) = &peer.identity
+        && let Ok(v) = HeaderValue::from_str(&id.to_string())
+    {
+        headers.insert(CLIENT_ID, v);
+    }
+    let Some(addr) = peer.addr else { return };
+    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {addr}"),
+        None => addr.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert("x-forwarded-for", v);
+    }
 }
 
 /// Methods RFC 9110 calls idempotent: sending them twice does no harm.

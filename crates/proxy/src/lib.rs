@@ -121,7 +121,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         };
         let targets = if let Some((service, port)) = &o.target {
             Targets::Named {
-                via: via(),
+                via: {
+                    let mut t = via();
+                    t.gateway = true;
+                    t
+                },
                 service: service.clone(),
                 port: *port,
             }
@@ -141,7 +145,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 http_rules: None,
                 port: o.listen.port(),
                 plaintext: Vec::new(),
+                opaque: false,
                 retries: true,
+                forwarded_for: false,
                 metrics: metrics.clone(),
             }))
         };
@@ -196,7 +202,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     http_rules: i.http_rules.clone(),
                     port: app_addr.port(),
                     plaintext: Vec::new(),
+                    opaque: false,
                     retries: false,
+                    forwarded_for: true,
                     metrics: metrics.clone(),
                 }))
             }

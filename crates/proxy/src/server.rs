@@ -139,6 +139,8 @@ impl Listener {
         let direction = self.direction;
         let (protocol, prefix) = match self.protocol {
             _ if forwarder.passthrough => (Protocol::Opaque, bytes::Bytes::new()),
+            // Declared `tcp` (outbound; inbound still tells TLS apart).
+            _ if forwarder.opaque && self.tls.is_none() => (Protocol::Opaque, bytes::Bytes::new()),
             ListenerProtocol::Tcp if self.tls.is_none() => (Protocol::Opaque, bytes::Bytes::new()),
             _ => sniff(&mut tcp, self.detect_timeout).await?,
         };
@@ -198,6 +200,7 @@ impl Listener {
         let mut tls = tls;
         let (inner, prefix) = match self.protocol {
             ListenerProtocol::Tcp => (Protocol::Opaque, bytes::Bytes::new()),
+            _ if forwarder.opaque => (Protocol::Opaque, bytes::Bytes::new()),
             _ => sniff(&mut tls, self.detect_timeout).await?,
         };
         let peer = Peer::new(peer_id, true, Some(client.ip()));

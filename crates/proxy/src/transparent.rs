@@ -59,6 +59,8 @@ pub struct InboundPolicy {
     /// Sources policy lets in (a `cidr` peer): they may connect without
     /// mTLS, on the rules' ports.
     pub plaintext: Vec<HttpRule>,
+    /// The instance's ports declared `tcp`: no protocol detection.
+    pub opaque_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +69,24 @@ pub struct VirtualService {
     pub name: String,
     /// Ready instances' addresses.
     pub endpoints: Vec<IpAddr>,
+    /// Ports declared `tcp`: bytes only, no protocol detection (no delay
+    /// for protocols where the server speaks first).
+    pub opaque_ports: Vec<u16>,
+}
+
+impl Peers {
+    /// Whether `dst` (a virtual address, or a meshed instance's address)
+    /// is a port its Service declares `tcp`.
+    pub fn is_opaque(&self, dst: SocketAddr) -> bool {
+        let service = self.services.get(&dst.ip()).or_else(|| {
+            let id = self.table.get(&dst.ip())?;
+            let vip = self
+                .by_name
+                .get(&format!("{}/{}", id.namespace, id.service_account))?;
+            self.services.get(vip)
+        });
+        service.is_some_and(|s| s.opaque_ports.contains(&dst.port()))
+    }
 }
 
 impl Peers {
@@ -106,14 +126,10 @@ impl Peers {
     /// Applies one update from the discovery stream: `{"version": N,
     /// "revisions": {…}, "snapshot": bool, "set": {section: {key: entry}},
     /// "remove": {section: [key, …]}}`. A snapshot replaces everything.
-    /// Every entry is checked before anything changes; errors name the
-    /// entry (under `at`) and leave the table as it was.
+    /// Every entry is checked before anything changes (errors name the
+    /// entry, under `at`, and leave the table as it was); the work is the
+    /// size of the update, not of the table.
     pub fn apply(&mut self, update: &serde_json::Value, at: &str) -> Result<(), String> {
-        let mut next = if update.get("snapshot").and_then(|v| v.as_bool()) == Some(true) {
-            Peers::default()
-        } else {
-            self.clone()
-        };
         let empty = serde_json::Map::new();
         let set = update
             .get("set")
@@ -123,6 +139,25 @@ impl Peers {
             .get("remove")
             .and_then(|v| v.as_object())
             .unwrap_or(&empty);
+        let mut entries = Vec::new();
+        for section in SECTIONS {
+            for (key, entry) in set
+                .get(section)
+                .and_then(|v| v.as_object())
+                .into_iter()
+                .flatten()
+            {
+                entries.push(Entry::parse(
+                    section,
+                    key,
+                    entry,
+                    &format!("{at}{section}.{key}"),
+                )?);
+            }
+        }
+        if update.get("snapshot").and_then(|v| v.as_bool()) == Some(true) {
+            *self = Peers::default();
+        }
         for section in SECTIONS {
             for key in remove
                 .get(section)
@@ -131,22 +166,16 @@ impl Peers {
                 .flatten()
                 .filter_map(|k| k.as_str())
             {
-                next.remove(section, key);
-            }
-            for (key, entry) in set
-                .get(section)
-                .and_then(|v| v.as_object())
-                .into_iter()
-                .flatten()
-            {
-                next.set(section, key, entry, &format!("{at}{section}.{key}"))?;
+                self.remove(section, key);
             }
         }
-        next.version = update.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        for entry in entries {
+            self.insert(entry);
+        }
+        self.version = update.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
         if let Some(r) = update.get("revisions") {
-            next.revisions = serde_json::from_value(r.clone()).unwrap_or_default();
+            self.revisions = serde_json::from_value(r.clone()).unwrap_or_default();
         }
-        *self = next;
         Ok(())
     }
 
@@ -171,26 +200,65 @@ impl Peers {
         }
     }
 
-    /// Sets one entry, checked; `at` names it in errors.
-    fn set(
-        &mut self,
+    fn insert(&mut self, entry: Entry) {
+        match entry {
+            Entry::Peer(ip, id) => {
+                self.table.insert(ip, id);
+            }
+            Entry::Service(vip, vs) => {
+                if let Some(old) = self.services.get(&vip)
+                    && old.name != vs.name
+                {
+                    self.by_name.remove(&old.name);
+                }
+                self.by_name.insert(vs.name.clone(), vip);
+                self.services.insert(vip, vs);
+            }
+            Entry::Routes(service, routes) => {
+                self.routes.insert(service, routes);
+            }
+            Entry::Inbound(ip, policy) => {
+                self.inbound.insert(ip, policy);
+            }
+        }
+    }
+}
+
+/// One checked entry of the table.
+enum Entry {
+    Peer(IpAddr, SpiffeId),
+    Service(IpAddr, VirtualService),
+    Routes(String, ServiceRoutes),
+    Inbound(IpAddr, InboundPolicy),
+}
+
+impl Entry {
+    /// Checks one entry of `section`; `at` names it in errors.
+    fn parse(
         section: &str,
         key: &str,
         entry: &serde_json::Value,
         at: &str,
-    ) -> Result<(), String> {
+    ) -> Result<Entry, String> {
         let addr = || key.parse::<IpAddr>().map_err(|e| format!("{at}: {e}"));
-        match section {
+        let ports = |entry: &serde_json::Value| -> Result<Vec<u16>, String> {
+            entry
+                .get("opaquePorts")
+                .map(|p| serde_json::from_value(p.clone()))
+                .transpose()
+                .map(Option::unwrap_or_default)
+                .map_err(|e| format!("{at}.opaquePorts: {e}"))
+        };
+        Ok(match section {
             "peers" => {
                 let id = entry
                     .as_str()
                     .ok_or_else(|| format!("{at}: expected a spiffe:// string"))?
                     .parse::<SpiffeId>()
                     .map_err(|e| format!("{at}: {e}"))?;
-                self.table.insert(addr()?, id);
+                Entry::Peer(addr()?, id)
             }
             "services" => {
-                let vip = addr()?;
                 let name = entry
                     .get("name")
                     .and_then(|n| n.as_str())
@@ -207,14 +275,14 @@ impl Peers {
                             .ok_or_else(|| format!("{at}.endpoints: {e} is not an address"))
                     })
                     .collect::<Result<Vec<_>, String>>()?;
-                if let Some(old) = self.services.get(&vip)
-                    && old.name != name
-                {
-                    self.by_name.remove(&old.name);
-                }
-                self.by_name.insert(name.clone(), vip);
-                self.services
-                    .insert(vip, VirtualService { name, endpoints });
+                Entry::Service(
+                    addr()?,
+                    VirtualService {
+                        name,
+                        endpoints,
+                        opaque_ports: ports(entry)?,
+                    },
+                )
             }
             "routes" => {
                 let raw: Vec<RawRoute> =
@@ -232,8 +300,7 @@ impl Peers {
                         })
                     })?);
                 }
-                self.routes
-                    .insert(key.to_string(), ServiceRoutes { backends, routes });
+                Entry::Routes(key.to_string(), ServiceRoutes { backends, routes })
             }
             "inbound" => {
                 let rules = |field: &str| -> Result<Option<Vec<HttpRule>>, String> {
@@ -251,12 +318,12 @@ impl Peers {
                 let policy = InboundPolicy {
                     http: rules("http")?,
                     plaintext: rules("plaintext")?.unwrap_or_default(),
+                    opaque_ports: ports(entry)?,
                 };
-                self.inbound.insert(addr()?, policy);
+                Entry::Inbound(addr()?, policy)
             }
-            _ => {}
-        }
-        Ok(())
+            other => return Err(format!("{at}: unknown section {other:?}")),
+        })
     }
 }
 
@@ -316,6 +383,9 @@ pub struct Transparent {
     /// The listener's own address: a connection made straight to it (not
     /// redirected) would loop.
     pub own: SocketAddr,
+    /// An ingress listener: callers come from outside the mesh, and the
+    /// app is told who they are.
+    pub gateway: bool,
     cache: Mutex<HashMap<SocketAddr, Cached>>,
 }
 
@@ -339,6 +409,8 @@ struct Plan {
     default_route: Option<Route>,
     http_rules: Option<Vec<HttpRule>>,
     plaintext: Vec<Source>,
+    /// Bytes only: the port is declared `tcp`.
+    opaque: bool,
 }
 
 impl Transparent {
@@ -359,6 +431,7 @@ impl Transparent {
             http_rules,
             metrics,
             own,
+            gateway: false,
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -407,7 +480,9 @@ impl Transparent {
             http_rules: plan.http_rules.clone(),
             port: dst.port(),
             plaintext: plan.plaintext.clone(),
+            opaque: plan.opaque,
             retries: self.direction == "outbound",
+            forwarded_for: self.direction == "inbound" || self.gateway,
             metrics: self.metrics.clone(),
         });
         // Bounded: a proxy whose app calls many outside addresses must not
@@ -464,6 +539,7 @@ impl Transparent {
             default_route: Some(Route::to_service(&app.to_string(), 0)),
             http_rules,
             plaintext,
+            opaque: policy.is_some_and(|p| p.opaque_ports.contains(&dst.port())),
         }
     }
 }
@@ -488,6 +564,7 @@ fn outbound_plan(peers: &Peers, dst: SocketAddr) -> Plan {
             })
             .collect()
     };
+    let opaque = peers.is_opaque(dst);
     let plan = |passthrough, services, routes, default_route| Plan {
         passthrough,
         services,
@@ -495,6 +572,7 @@ fn outbound_plan(peers: &Peers, dst: SocketAddr) -> Plan {
         default_route,
         http_rules: None,
         plaintext: Vec::new(),
+        opaque,
     };
     if let Some(vs) = peers.services.get(&dst.ip()) {
         if let Some(r) = peers.routes.get(&vs.name) {
@@ -616,6 +694,36 @@ mod tests {
         let moved = t.forwarder(dst).unwrap();
         assert!(!Arc::ptr_eq(&first, &moved));
         assert_eq!(moved.routes[0].backends, vec![(0, 50), (1, 50)]);
+    }
+
+    #[test]
+    fn ports_declared_tcp_skip_protocol_detection() {
+        let t = transparent(
+            "outbound",
+            peers(serde_json::json!({
+                "version": 1,
+                "peers": {"198.19.16.2": "spiffe://td/ns/shop/sa/db"},
+                "services": {"198.18.128.1": {"name": "shop/db", "endpoints": [], "opaquePorts": [5432]}},
+            })),
+        );
+        let opaque = |dst: &str| t.forwarder(dst.parse().unwrap()).unwrap().opaque;
+        // Through the virtual address, or straight to an instance of db.
+        assert!(opaque("198.18.128.1:5432") && !opaque("198.18.128.1:8080"));
+        let inbound = transparent(
+            "inbound",
+            peers(serde_json::json!({"version": 1, "peers": {},
+                "inbound": {"198.19.16.2": {"http": null, "plaintext": [], "opaquePorts": [5432]}}})),
+        );
+        let f = inbound
+            .forwarder("198.19.16.2:5432".parse().unwrap())
+            .unwrap();
+        assert!(f.opaque && f.http_rules.is_none());
+        assert!(
+            !inbound
+                .forwarder("198.19.16.2:8080".parse().unwrap())
+                .unwrap()
+                .opaque
+        );
     }
 
     #[test]

@@ -47,8 +47,22 @@ impl Backend {
                             let posts = posts.clone();
                             async move {
                                 let post = req.method() == hyper::Method::POST;
+                                // `/headers`: what the app was told about its caller.
+                                let told = if req.uri().path() == "/headers" {
+                                    ["x-forwarded-for", "x-skiff-client-id"]
+                                        .iter()
+                                        .map(|h| {
+                                            let v =
+                                                req.headers().get(*h).and_then(|v| v.to_str().ok());
+                                            format!("\n{h}: {}", v.unwrap_or("-"))
+                                        })
+                                        .collect::<String>()
+                                } else {
+                                    String::new()
+                                };
                                 let _ = req.into_body().collect().await;
-                                let mut resp = Response::new(Full::new(Bytes::from(name)));
+                                let mut resp =
+                                    Response::new(Full::new(Bytes::from(format!("{name}{told}"))));
                                 if post {
                                     posts.fetch_add(1, Ordering::SeqCst);
                                     if fail_posts {
@@ -138,11 +152,20 @@ async fn call(
     method: &str,
     url: &str,
 ) -> Result<(StatusCode, String), String> {
-    let req = Request::builder()
-        .method(method)
-        .uri(url)
-        .body(Full::new(Bytes::from_static(b"x")))
-        .unwrap();
+    call_with(client, method, url, &[]).await
+}
+
+async fn call_with(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(StatusCode, String), String> {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from_static(b"x"))).unwrap();
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let body = resp
@@ -349,6 +372,23 @@ async fn the_mtls_pair_carries_identity_and_refuses_plaintext() {
             .await
             .unwrap(),
         (StatusCode::OK, "db".into())
+    );
+    // The app learns who called: the verified identity (a forged header
+    // is replaced) and the caller's address.
+    let headers = call_with(
+        &c,
+        "GET",
+        &format!("http://{outbound}/headers"),
+        &[("x-skiff-client-id", "spiffe://td/ns/shop/sa/admin")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        headers,
+        (
+            StatusCode::OK,
+            "db\nx-forwarded-for: 127.0.0.1\nx-skiff-client-id: spiffe://td/ns/shop/sa/web".into()
+        )
     );
     // L7 policy: the inbound side refuses POST from this identity.
     let (status, body) = call(&c, "POST", &format!("http://{outbound}/"))

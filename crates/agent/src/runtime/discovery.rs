@@ -360,7 +360,11 @@ pub fn render(
     let mut services = Map::new();
     for (name, vip) in &s.virtual_addresses {
         let endpoints = ready.get(name).cloned().unwrap_or_default();
-        services.insert(vip.clone(), json!({"name": name, "endpoints": endpoints}));
+        let mut entry = json!({"name": name, "endpoints": endpoints});
+        if let Some(opaque) = s.opaque_ports.get(name).filter(|p| !p.is_empty()) {
+            entry["opaquePorts"] = json!(opaque);
+        }
+        services.insert(vip.clone(), entry);
     }
     let mut inbound = Map::new();
     if !local.is_empty() {
@@ -528,10 +532,11 @@ impl Workloads {
     }
 }
 
-/// What policy asks of one local instance's inbound side: `http` (every
+/// What one local instance's inbound side must know: `http` (every
 /// ingress rule of the enforcing policies that select it, when any of
-/// them has an `http` section) and `plaintext` (rules with address peers).
-/// `None` when neither applies.
+/// them has an `http` section), `plaintext` (rules with address peers)
+/// and `opaquePorts` (its Service's ports declared `tcp`). `None` when
+/// none applies.
 fn inbound_policy(s: &State, world: &Workloads, instance: &Value) -> Option<Value> {
     let ns = instance
         .pointer("/metadata/namespace")
@@ -603,13 +608,22 @@ fn inbound_policy(s: &State, world: &Workloads, instance: &Value) -> Option<Valu
             }));
         }
     }
-    if !any_http && plaintext.is_empty() {
+    let opaque = s
+        .opaque_ports
+        .get(&format!("{ns}/{service}"))
+        .cloned()
+        .unwrap_or_default();
+    if !any_http && plaintext.is_empty() && opaque.is_empty() {
         return None;
     }
-    Some(json!({
+    let mut entry = json!({
         "http": if any_http { Value::Array(http) } else { Value::Null },
         "plaintext": plaintext,
-    }))
+    });
+    if !opaque.is_empty() {
+        entry["opaquePorts"] = json!(opaque);
+    }
+    Some(entry)
 }
 
 /// A rule's TCP ports as `[first, last]` ranges, named ports resolved
@@ -1106,6 +1120,26 @@ mod tests {
         ];
         assert_eq!(acknowledged_floor(&nodes), 42);
         assert_eq!(acknowledged_floor(&nodes[2..]), u64::MAX);
+    }
+
+    #[test]
+    fn ports_declared_tcp_are_published_for_callers_and_the_instance() {
+        let mut s = shop();
+        s.policies.clear();
+        s.opaque_ports.insert("shop/db".into(), vec![5432]);
+        let local: BTreeMap<String, Ipv4Addr> =
+            [("shop/db-1".to_string(), Ipv4Addr::new(198, 19, 16, 2))].into();
+        let mut known = LocalInstances::default();
+        known.update(&s, local.keys());
+        let file = render(&s, &known, "td", &local, 1);
+        assert_eq!(
+            file["services"]["198.18.128.1"]["opaquePorts"],
+            json!([5432])
+        );
+        assert_eq!(
+            file["inbound"]["198.19.16.2"],
+            json!({"http": null, "plaintext": [], "opaquePorts": [5432]})
+        );
     }
 
     #[test]
