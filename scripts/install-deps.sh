@@ -18,7 +18,8 @@ set -euo pipefail
 #   tcpdump        the mesh test checks that only TLS crosses between nodes
 #   nghttp2-client h2load: HTTP/2 load through the mesh in its test
 #   dnsutils       dig: cluster DNS over TCP in the mesh test
-PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl iproute2 clang libbpf-dev wrk iptables haproxy nginx tcpdump nghttp2-client dnsutils)
+#   openssl        a certificate for the ingress gateway's HTTPS in the mesh test
+PACKAGES=(git gcc libc6-dev pkg-config ca-certificates prometheus curl iproute2 clang libbpf-dev wrk iptables haproxy nginx tcpdump nghttp2-client dnsutils openssl)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -143,6 +143,7 @@ pub fn run(args: &DevArgs) -> anyhow::Result<u8> {
                         &dir,
                         listen,
                         "web.shop:8080",
+                        None,
                         "skiff.local",
                         never,
                     )

@@ -5,7 +5,7 @@
 //! to one Service over mTLS through the Service's virtual address.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 use skiff_client::Client;
@@ -23,6 +23,7 @@ pub async fn run(
     dir: &Path,
     listen: SocketAddr,
     target: &str,
+    tls: Option<(PathBuf, PathBuf)>,
     trust_domain: &str,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -56,7 +57,11 @@ pub async fn run(
             "certFile": dir.join("tls.crt"),
             "keyFile": dir.join("tls.key"),
         },
-        "outbound": [{"listen": listen.to_string(), "target": target}],
+        "outbound": [match &tls {
+            Some((cert, key)) => json!({"listen": listen.to_string(), "target": target,
+                "tls": {"certFile": cert, "keyFile": key}}),
+            None => json!({"listen": listen.to_string(), "target": target}),
+        }],
         "discovery": peers,
     });
     let config = skiff_proxy::config::Config::parse(&config.to_string())

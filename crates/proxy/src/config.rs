@@ -189,6 +189,9 @@ pub struct Outbound {
     pub routes: Vec<Route>,
     /// Where requests no route matches go (and opaque connections).
     pub default_service: Option<usize>,
+    /// TLS toward the listener's clients (certificate and key files): the
+    /// ingress gateway's HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Gateway API HTTPRoute semantics: the first rule whose match fits wins;
@@ -447,6 +450,14 @@ struct RawOutbound {
     service: Option<String>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    tls: Option<RawEdgeTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawEdgeTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
 }
 
 impl RawRoute {
@@ -684,6 +695,10 @@ impl RawConfig {
                 protocol: o.protocol,
                 routes,
                 default_service,
+                tls: o
+                    .tls
+                    .as_ref()
+                    .map(|t| (t.cert_file.clone(), t.key_file.clone())),
             });
         }
         let mut inbound = Vec::new();

@@ -394,11 +394,29 @@ fn fits_match<B>(m: &RouteMatch, req: &Request<B>) -> bool {
         return false;
     }
     m.headers.iter().all(|(k, v)| {
-        req.headers()
-            .get(k.as_str())
-            .and_then(|h| h.to_str().ok())
-            .is_some_and(|h| h == v)
+        let value = req.headers().get(k.as_str()).and_then(|h| h.to_str().ok());
+        // `host`: HTTP/2 carries it as the request's authority.
+        let value = match value {
+            None if k == "host" => req.uri().authority().map(|a| a.as_str()),
+            other => other,
+        };
+        // Host names compare without case; other values exactly.
+        value.is_some_and(|h| {
+            if k == "host" {
+                without_port(h).eq_ignore_ascii_case(v)
+            } else {
+                h == v
+            }
+        })
     })
+}
+
+/// A host without its `:port`.
+fn without_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
 }
 
 pub fn total_weight(backends: &[(usize, u32)]) -> u32 {
@@ -646,6 +664,35 @@ mod tests {
         assert_eq!(name(req("GET", "/v2", false)), Some("v2".into()));
         assert_eq!(name(req("GET", "/v20", false)), None);
         assert_eq!(name(req("POST", "/v2", false)), None);
+    }
+
+    #[test]
+    fn a_host_match_reads_the_host_header_or_the_http2_authority() {
+        let routes = vec![route(
+            "api",
+            RouteMatch {
+                headers: vec![("host".into(), "api.example".into())],
+                ..Default::default()
+            },
+        )];
+        let name = |r: Request<()>| pick_route(&routes, &r).map(|r| r.name.clone());
+        let h1 = Request::builder()
+            .uri("/")
+            .header("host", "API.example:8000")
+            .body(())
+            .unwrap();
+        assert_eq!(name(h1), Some("api".into()));
+        let h2 = Request::builder()
+            .uri("http://api.example/x")
+            .body(())
+            .unwrap();
+        assert_eq!(name(h2), Some("api".into()));
+        let other = Request::builder()
+            .uri("/")
+            .header("host", "web.example")
+            .body(())
+            .unwrap();
+        assert_eq!(name(other), None);
     }
 
     #[test]

@@ -157,6 +157,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             metrics: metrics.clone(),
             protocol: o.protocol,
             tls: None,
+            edge_tls: o
+                .tls
+                .as_ref()
+                .map(|(cert, key)| tls::edge_server_config(cert, key))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("outbound[{}].tls: {e}", o.listen))?,
             allow_plaintext: true,
             allowed_identities: None,
             detect_timeout: config.timeouts.detect,
@@ -215,6 +221,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             metrics: metrics.clone(),
             protocol: i.protocol,
             tls: identity.clone(),
+            edge_tls: None,
             allow_plaintext: i.allow_plaintext,
             allowed_identities: i.allowed_identities.clone(),
             detect_timeout: config.timeouts.detect,

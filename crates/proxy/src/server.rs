@@ -32,6 +32,8 @@ pub struct Listener {
     pub protocol: ListenerProtocol,
     /// Inbound with an identity: mTLS required (unless `allow_plaintext`).
     pub tls: Option<Arc<Identity>>,
+    /// TLS toward clients outside the mesh (the gateway's HTTPS).
+    pub edge_tls: Option<Arc<rustls::ServerConfig>>,
     pub allow_plaintext: bool,
     pub allowed_identities: Option<Vec<IdentityPattern>>,
     pub detect_timeout: Duration,
@@ -137,6 +139,31 @@ impl Listener {
         drain: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
         let direction = self.direction;
+        if let Some(edge) = &self.edge_tls {
+            let mut tls = match tokio_rustls::TlsAcceptor::from(edge.clone())
+                .accept(tcp)
+                .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    self.count(direction, "refused", true, "none");
+                    tracing::info!(client.addr = %client, error = %e, "TLS handshake failed");
+                    return Ok(());
+                }
+            };
+            let (protocol, prefix) = sniff(&mut tls, self.detect_timeout).await?;
+            let peer = Peer::new(None, true, Some(client.ip()));
+            return self
+                .application(
+                    Prefixed::new(prefix, tls),
+                    protocol,
+                    peer,
+                    dst,
+                    forwarder,
+                    drain,
+                )
+                .await;
+        }
         let (protocol, prefix) = match self.protocol {
             _ if forwarder.passthrough => (Protocol::Opaque, bytes::Bytes::new()),
             // Declared `tcp` (outbound; inbound still tells TLS apart).

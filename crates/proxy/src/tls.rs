@@ -164,6 +164,28 @@ impl Identity {
     }
 }
 
+/// TLS toward clients outside the mesh (the ingress gateway's listener):
+/// a certificate chain and key from PEM files, TLS 1.2 and 1.3, HTTP/2
+/// and HTTP/1.1 offered by ALPN, no client certificate asked for.
+pub fn edge_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let named = |path: &Path, e: String| TlsError::File(path.display().to_string(), e);
+    let certs =
+        skiff_identity::certs_from_pem(&read(cert)?).map_err(|e| named(cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(named(cert, "no certificate in the PEM".into()));
+    }
+    let key_der =
+        skiff_identity::key_from_pem(&read(key)?).map_err(|e| named(key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| named(key, format!("does not match the certificate: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 fn read(path: &Path) -> Result<String, TlsError> {
     std::fs::read_to_string(path)
         .map_err(|e| TlsError::File(path.display().to_string(), e.to_string()))

@@ -147,7 +147,13 @@ struct ProxyArgs {
     /// Gateway mode: where outside clients connect.
     #[arg(long, default_value = "127.0.0.1:8000")]
     listen: std::net::SocketAddr,
-    /// Gateway mode: where its key, certificates and peers table live.
+    /// Gateway mode: serve HTTPS with this certificate (PEM chain)...
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// ... and this key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Gateway mode: where its key, certificates and discovery socket live.
     #[arg(long, default_value = "/run/skiff-gateway")]
     state_dir: std::path::PathBuf,
     /// Gateway mode: the cluster's trust domain.
@@ -276,6 +282,7 @@ fn proxy(args: &ProxyArgs) -> anyhow::Result<u8> {
             &args.state_dir,
             args.listen,
             target,
+            args.tls_cert.clone().zip(args.tls_key.clone()),
             &args.trust_domain,
             shutdown_signal(),
         ))?;

@@ -299,6 +299,30 @@ fn apps_talk_plainly_and_only_tls_crosses_between_nodes() {
     let gateway_runtime = tokio::runtime::Runtime::new().unwrap_or_else(|e| panic!("{e}"));
     let gateway_client = c.client().unwrap_or_else(|e| panic!("{e}"));
     let gateway_dir = dir.path().join("gateway");
+    // HTTPS toward outside clients, with a certificate for localhost.
+    let (cert, key) = (dir.path().join("edge.crt"), dir.path().join("edge.key"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap_or_else(|e| panic!("openssl: {e}"));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let gateway_tls = (cert.clone(), key.clone());
     gateway_runtime.spawn(async move {
         let never = std::future::pending::<()>();
         skiff_cli::gateway::run(
@@ -306,6 +330,7 @@ fn apps_talk_plainly_and_only_tls_crosses_between_nodes() {
             &gateway_dir,
             gateway_port,
             "db.mesh:8080",
+            Some(gateway_tls),
             "skiff.local",
             never,
         )
@@ -316,7 +341,11 @@ fn apps_talk_plainly_and_only_tls_crosses_between_nodes() {
         "the gateway answers",
         || {
             let out = Command::new("curl")
-                .args(["-sS", "--max-time", "3", &format!("http://{gateway_port}/")])
+                .args(["-sS", "--max-time", "3", "--cacert"])
+                .arg(&cert)
+                .arg("--resolve")
+                .arg(format!("localhost:{}:127.0.0.1", gateway_port.port()))
+                .arg(format!("https://localhost:{}/", gateway_port.port()))
                 .output()
                 .ok()?;
             let body = String::from_utf8_lossy(&out.stdout).to_string();
