@@ -225,9 +225,10 @@ impl Listener {
             return Ok(());
         }
         let mut tls = tls;
+        let said_opaque = tls.get_ref().1.alpn_protocol() == Some(crate::tls::OPAQUE_ALPN);
         let (inner, prefix) = match self.protocol {
             ListenerProtocol::Tcp => (Protocol::Opaque, bytes::Bytes::new()),
-            _ if forwarder.opaque => (Protocol::Opaque, bytes::Bytes::new()),
+            _ if forwarder.opaque || said_opaque => (Protocol::Opaque, bytes::Bytes::new()),
             _ => sniff(&mut tls, self.detect_timeout).await?,
         };
         let peer = Peer::new(peer_id, true, Some(client.ip()));
@@ -304,7 +305,7 @@ async fn opaque<T: AsyncRead + AsyncWrite + Unpin>(
         };
         tried.push(i);
         let started = Instant::now();
-        match service.endpoints[i].connector.connect().await {
+        match service.endpoints[i].connector.connect_as(true).await {
             Ok(s) => {
                 service.finish(i, started.elapsed(), Outcome::Success);
                 break s;

@@ -31,7 +31,9 @@ pub struct Identity {
     roots: Arc<RootCertStore>,
     anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
     current: RwLock<Current>,
-    clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    /// Client configs by expected peer and whether they offer
+    /// [`OPAQUE_ALPN`].
+    clients: Mutex<HashMap<(SpiffeId, bool), Arc<ClientConfig>>>,
     server: Mutex<Option<Arc<ServerConfig>>>,
 }
 
@@ -120,7 +122,8 @@ impl Identity {
         self.current.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The server side: TLS 1.3, a client certificate from the CA required.
+    /// The server side: TLS 1.3, a client certificate from the CA required;
+    /// a client offering [`OPAQUE_ALPN`] gets it (its bytes are opaque).
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
         let mut cached = self.server.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(config) = cached.as_ref() {
@@ -134,18 +137,24 @@ impl Identity {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
+        let mut config = config;
+        config.alpn_protocols = vec![OPAQUE_ALPN.to_vec()];
         let config = Arc::new(config);
         *cached = Some(config.clone());
         Ok(config)
     }
 
-    /// The client side toward a peer that must prove `expected`.
+    /// The client side toward a peer that must prove `expected`; `opaque`:
+    /// offer [`OPAQUE_ALPN`], telling the peer not to wait for bytes to
+    /// detect a protocol (the server may speak first).
     pub fn client_config(
         self: &Arc<Self>,
         expected: &SpiffeId,
+        opaque: bool,
     ) -> Result<Arc<ClientConfig>, TlsError> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(config) = clients.get(expected) {
+        let key = (expected.clone(), opaque);
+        if let Some(config) = clients.get(&key) {
             return Ok(config.clone());
         }
         let verifier = PeerVerifier {
@@ -158,11 +167,19 @@ impl Identity {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
+        let mut config = config;
+        if opaque {
+            config.alpn_protocols = vec![OPAQUE_ALPN.to_vec()];
+        }
         let config = Arc::new(config);
-        clients.insert(expected.clone(), config.clone());
+        clients.insert(key, config.clone());
         Ok(config)
     }
 }
+
+/// The ALPN protocol by which one proxy tells another that the
+/// connection's bytes are opaque (not HTTP).
+pub const OPAQUE_ALPN: &[u8] = b"skiff.opaque/1";
 
 /// TLS toward clients outside the mesh (the ingress gateway's listener):
 /// a certificate chain and key from PEM files, TLS 1.2 and 1.3, HTTP/2
@@ -363,7 +380,8 @@ mod tests {
         expected: &SpiffeId,
     ) -> Result<Option<SpiffeId>, String> {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let connector = tokio_rustls::TlsConnector::from(client.client_config(expected).unwrap());
+        let connector =
+            tokio_rustls::TlsConnector::from(client.client_config(expected, false).unwrap());
         let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config().unwrap());
         let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
         let (c, s) = tokio::join!(connector.connect(name, a), acceptor.accept(b));

@@ -167,6 +167,12 @@ pub enum ConnectError {
 
 impl Connector {
     pub async fn connect(&self) -> Result<Stream, ConnectError> {
+        self.connect_as(false).await
+    }
+
+    /// Connects; `opaque`: for bytes, not HTTP (the peer proxy is told by
+    /// ALPN and does not wait to detect a protocol).
+    pub async fn connect_as(&self, opaque: bool) -> Result<Stream, ConnectError> {
         let addr = self.addr;
         let attempt = async {
             let tcp = TcpStream::connect(addr)
@@ -177,7 +183,7 @@ impl Connector {
                 None => Ok(Stream::Plain(tcp)),
                 Some((own, peer)) => {
                     let config = own
-                        .client_config(peer)
+                        .client_config(peer, opaque)
                         .map_err(|e| ConnectError::Tls(addr, e.to_string()))?;
                     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
                     let tls = tokio_rustls::TlsConnector::from(config)

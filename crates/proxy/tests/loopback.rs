@@ -353,6 +353,45 @@ impl Mesh {
     }
 }
 
+/// A protocol where the server speaks first (SMTP, MySQL) through the
+/// mTLS pair: the client's proxy carries it as bytes (`protocol: tcp`) and
+/// tells the server's proxy so by ALPN, which then does not wait for the
+/// client's first bytes (its detection timeout here is 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_first_protocol_crosses_the_mtls_pair_without_waiting() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let banner = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = banner.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = banner.accept().await {
+            let _ = tcp.write_all(b"220 ready\r\n").await;
+            let mut rest = Vec::new();
+            let _ = tcp.read_to_end(&mut rest).await;
+        }
+    });
+    let mesh = Mesh::new();
+    let inbound = free_port();
+    let _server = Proxy::start(&format!(
+        "{}inbound: [{{listen: {inbound}, app: {app}}}]\ntimeouts: {{detectMs: 60000}}\n",
+        mesh.identity(&mesh.server_files),
+    ))
+    .await;
+    let outbound = free_port();
+    let _client = Proxy::start(
+        &mesh
+            .client_config(outbound, inbound)
+            .replace("service: db}", "service: db, protocol: tcp}"),
+    )
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    let mut greeting = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut greeting))
+        .await
+        .expect("the banner never came: the server's proxy waited for the client")
+        .unwrap();
+    assert_eq!(&greeting, b"220 ready\r\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mtls_pair_carries_identity_and_refuses_plaintext() {
     let backend = Backend::start("db", false).await;
