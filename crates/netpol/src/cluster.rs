@@ -13,7 +13,8 @@ use skiff_api::{Resource, meta};
 use crate::compile::Instance;
 use crate::model::PolicyRule;
 
-fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
+/// The string at `pointer` in a stored object, or "".
+pub fn text<'a>(v: &'a Value, pointer: &str) -> &'a str {
     v.pointer(pointer)
         .and_then(Value::as_str)
         .unwrap_or_default()

@@ -31,6 +31,7 @@ use skiff_api::{Resource, meta};
 use skiff_client::Client;
 use skiff_identity::SpiffeId;
 use skiff_netpol::PolicyRule;
+use skiff_netpol::cluster::text;
 use skiff_netpol::model::{Namespaces, Peer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, broadcast, watch};
@@ -330,12 +331,6 @@ pub fn render(
     local: &BTreeMap<String, Ipv4Addr>,
     version: u64,
 ) -> Value {
-    let text = |v: &Value, p: &str| {
-        v.pointer(p)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
     let mut peers = Map::new();
     let mut ready: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for v in s.instances.values() {
@@ -347,7 +342,7 @@ pub fn render(
             continue;
         };
         let (ns, service) = (text(v, "/metadata/namespace"), text(v, "/spec/service"));
-        if let Ok(id) = SpiffeId::new(trust_domain, &ns, &service) {
+        if let Ok(id) = SpiffeId::new(trust_domain, ns, service) {
             peers.insert(address.to_string(), Value::String(id.to_string()));
         }
         if v.pointer("/status/ready").and_then(Value::as_bool) == Some(true) {
@@ -470,18 +465,9 @@ impl Workloads {
         let mut groups = BTreeSet::new();
         let mut namespaces: BTreeMap<String, Labels> = s.namespaces.clone();
         for v in s.instances.values() {
-            let ns = v
-                .pointer("/metadata/namespace")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            let service = v
-                .pointer("/spec/service")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
+            let ns = text(v, "/metadata/namespace").to_string();
             namespaces.entry(ns.clone()).or_default();
-            groups.insert((ns, meta::labels_in(v), service));
+            groups.insert((ns, meta::labels_in(v), text(v, "/spec/service").to_string()));
         }
         for (name, labels) in &mut namespaces {
             labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
@@ -538,14 +524,10 @@ impl Workloads {
 /// and `opaquePorts` (its Service's ports declared `tcp`). `None` when
 /// none applies.
 fn inbound_policy(s: &State, world: &Workloads, instance: &Value) -> Option<Value> {
-    let ns = instance
-        .pointer("/metadata/namespace")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let service = instance
-        .pointer("/spec/service")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let (ns, service) = (
+        text(instance, "/metadata/namespace"),
+        text(instance, "/spec/service"),
+    );
     let labels = meta::labels_in(instance);
     let ports = s
         .services
