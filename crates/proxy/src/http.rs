@@ -66,6 +66,10 @@ pub struct Peer {
     pub addr: Option<IpAddr>,
     /// The identity, or `none`, for metrics.
     pub label: Label,
+    /// What the app is told (`x-skiff-client-id`, `x-forwarded-for`),
+    /// made once per connection.
+    client_id: Option<HeaderValue>,
+    addr_text: Option<HeaderValue>,
 }
 
 impl Peer {
@@ -75,7 +79,10 @@ impl Peer {
                 .as_ref()
                 .map_or_else(|| "none".to_string(), ToString::to_string),
         );
+        let header = |s: String| HeaderValue::from_str(&s).ok();
         Peer {
+            client_id: identity.as_ref().and_then(|id| header(id.to_string())),
+            addr_text: addr.and_then(|a| header(a.to_string())),
             identity,
             tls,
             addr,
@@ -85,7 +92,11 @@ impl Peer {
 }
 
 impl Forwarder {
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Arc<Peer>,
+    ) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
         let (route_name, service, response) = self.dispatch(req, &peer).await;
@@ -486,17 +497,17 @@ pub const CLIENT_ID: &str = "x-skiff-client-id";
 /// `x-skiff-client-id` from its verified identity.
 fn tell_app_the_caller(headers: &mut HeaderMap, peer: &Peer) {
     headers.remove(CLIENT_ID);
-    if let Some(id) = &peer.identity
-        && let Ok(v) = HeaderValue::from_str(&id.to_string())
-    {
-        headers.insert(CLIENT_ID, v);
+    if let Some(id) = &peer.client_id {
+        headers.insert(CLIENT_ID, id.clone());
     }
-    let Some(addr) = peer.addr else { return };
+    let Some(addr) = &peer.addr_text else { return };
     let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {addr}"),
-        None => addr.to_string(),
+        Some(earlier) => {
+            HeaderValue::from_str(&format!("{earlier}, {}", addr.to_str().unwrap_or_default())).ok()
+        }
+        None => Some(addr.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Some(v) = forwarded {
         headers.insert("x-forwarded-for", v);
     }
 }

@@ -338,6 +338,8 @@ async fn serve_http<T>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Shared by the connection's requests: made once, never copied.
+    let peer = Arc::new(peer);
     let service = service_fn(move |req| {
         let forwarder = match dst {
             Some(_) => listener.forwarder(dst).unwrap_or_else(|_| first.clone()),
