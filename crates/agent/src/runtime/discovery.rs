@@ -197,10 +197,14 @@ impl Discovery {
         let _ = std::fs::remove_file(&self.path);
         match tokio::net::UnixListener::bind(&self.path) {
             Ok(listener) => {
-                // The proxies run as their own user.
+                // Only the proxies' user (and root) may subscribe: the
+                // table names every instance and the L7 rules. (Run as
+                // another user, as a gateway may be, the socket stays its
+                // own.)
+                let _ = std::os::unix::fs::chown(&self.path, Some(super::mesh::PROXY_UID), None);
                 let _ = std::fs::set_permissions(
                     &self.path,
-                    std::os::unix::fs::PermissionsExt::from_mode(0o666),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
                 );
                 tokio::spawn(self.clone().serve(listener));
             }
