@@ -110,8 +110,7 @@ impl Cache {
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
-        // Plain data behind the lock; a panic elsewhere leaves it usable.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.state)
     }
 
     /// Wakes (`changed()`) after every change from here on.

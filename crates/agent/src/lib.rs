@@ -93,6 +93,11 @@ pub async fn simulate(client: Client, sim: Simulation) -> Result<(), ClientError
 }
 
 /// `namespace/name` of an object.
+/// Locks plain data: a panic elsewhere while it was held leaves it usable.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub(crate) fn id_of(v: &Value) -> String {
     format!(
         "{}/{}",

@@ -95,10 +95,7 @@ pub struct HttpDetail {
     pub peer: Option<String>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain data behind these locks; a panic elsewhere leaves it usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 impl Enforcer {
     pub fn new(datapath: Datapath, node: &str) -> Arc<Enforcer> {

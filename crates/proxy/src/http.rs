@@ -465,13 +465,16 @@ pub fn authorize(
     peer: &Peer,
     port: u16,
 ) -> Result<(), Denial> {
-    let covering: Vec<&HttpRule> = rules
+    let covers = |r: &&HttpRule| r.covers(peer.identity.as_ref(), peer.addr, port);
+    if rules
         .iter()
-        .filter(|r| r.covers(peer.identity.as_ref(), peer.addr, port))
-        .collect();
-    if covering.iter().any(|r| r.admits(method.as_str(), path)) {
+        .filter(covers)
+        .any(|r| r.admits(method.as_str(), path))
+    {
         return Ok(());
     }
+    // Refused: name the policies that speak for this peer.
+    let covering: Vec<&HttpRule> = rules.iter().filter(covers).collect();
     let who = match (&peer.identity, peer.addr) {
         (Some(id), _) => id.to_string(),
         (None, Some(addr)) => format!("unauthenticated {addr}"),

@@ -33,10 +33,12 @@ use skiff_identity::SpiffeId;
 use skiff_netpol::PolicyRule;
 use skiff_netpol::cluster::text;
 use skiff_netpol::model::{Namespaces, Peer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, broadcast, watch};
 
 use crate::cache::{Cache, LocalInstances, State};
+use crate::lock;
+use skiff_proxy::transparent::SECTIONS;
 
 /// A node's (or a gateway's) discovery stream and the local instances it
 /// covers.
@@ -126,13 +128,6 @@ pub fn delta(old: &Value, new: &Value) -> Value {
         "set": set,
         "remove": remove,
     })
-}
-
-/// The table's sections (as the proxy reads them).
-const SECTIONS: [&str; 4] = ["peers", "services", "routes", "inbound"];
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Discovery {
@@ -808,25 +803,10 @@ async fn publish(client: &Client, node: &str, mesh: &Value) -> Result<(), String
 /// A GET to a proxy's admin endpoint, its body as JSON (2 s at most).
 async fn get_json(to: SocketAddr, path: &str) -> Result<Value, String> {
     let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(to)
-            .await
-            .map_err(|e| e.to_string())?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n");
-        s.write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut answer = Vec::new();
-        s.read_to_end(&mut answer)
-            .await
-            .map_err(|e| e.to_string())?;
-        let at = answer
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or("not an HTTP answer")?;
-        if !answer.starts_with(b"HTTP/1.1 200") {
-            return Err("not 200".to_string());
+        match super::probe::get(to, path).await? {
+            (200, body) => serde_json::from_slice(&body).map_err(|e| e.to_string()),
+            (status, _) => Err(format!("{to}{path}: status {status}")),
         }
-        serde_json::from_slice(&answer[at + 4..]).map_err(|e| e.to_string())
     };
     tokio::time::timeout(Duration::from_secs(2), exchange)
         .await

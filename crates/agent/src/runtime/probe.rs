@@ -60,15 +60,7 @@ fn resolve(port: &PortRef, ports: &[ServicePort]) -> Result<u16, String> {
 
 /// A GET that passes on any 2xx or 3xx status, as Kubernetes' httpGet does.
 pub(crate) async fn http(to: SocketAddr, path: &str) -> Result<(), String> {
-    let mut s = TcpStream::connect(to)
-        .await
-        .map_err(|e| format!("HTTP GET {path} on {to}: {e}"))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {to}\r\nUser-Agent: skiff-probe\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("HTTP GET {path} on {to}: {e}"))?;
+    let mut s = send_get(to, path).await?;
     let mut head = vec![0u8; 256];
     let mut n = 0;
     while n < 12 {
@@ -78,16 +70,49 @@ pub(crate) async fn http(to: SocketAddr, path: &str) -> Result<(), String> {
             Err(e) => return Err(format!("HTTP GET {path} on {to}: {e}")),
         }
     }
-    let line = String::from_utf8_lossy(&head[..n]);
-    let status: Option<u16> = line
-        .strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|c| c.parse().ok());
-    match status {
+    match status_of(&head[..n]) {
         Some(c) if (200..400).contains(&c) => Ok(()),
         Some(c) => Err(format!("HTTP GET {path} on {to}: status {c}")),
         None => Err(format!("HTTP GET {path} on {to}: not an HTTP answer")),
     }
+}
+
+/// A GET whose whole answer is read: the status and the body.
+pub(crate) async fn get(to: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
+    let mut s = send_get(to, path).await?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)
+        .await
+        .map_err(|e| format!("HTTP GET {path} on {to}: {e}"))?;
+    let not_http = || format!("HTTP GET {path} on {to}: not an HTTP answer");
+    let status = status_of(&answer).ok_or_else(not_http)?;
+    let at = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(not_http)?;
+    Ok((status, answer.split_off(at + 4)))
+}
+
+/// Connects and sends `GET path` (HTTP/1.1, the connection closed after).
+async fn send_get(to: SocketAddr, path: &str) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect(to)
+        .await
+        .map_err(|e| format!("HTTP GET {path} on {to}: {e}"))?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {to}\r\nUser-Agent: skiff-probe\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("HTTP GET {path} on {to}: {e}"))?;
+    Ok(s)
+}
+
+/// The status code of an HTTP/1 answer's first bytes.
+fn status_of(head: &[u8]) -> Option<u16> {
+    let line = String::from_utf8_lossy(&head[..head.len().min(12)]);
+    line.strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse().ok())
 }
 
 async fn command(argv: &[String], inside: &Inside) -> Result<(), String> {
