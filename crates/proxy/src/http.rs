@@ -19,7 +19,7 @@ use crate::metrics::{EndpointLabels, Label, LatencyLabels, Metrics, RequestLabel
 use crate::upstream::{Body, BoxError, Service};
 
 /// Bodies up to this size are kept so the request can be sent again.
-const RETRYABLE_BODY: u64 = 64 * 1024;
+pub(crate) const RETRYABLE_BODY: u64 = 64 * 1024;
 
 /// Where one listener's requests go.
 #[derive(Debug)]
@@ -89,6 +89,11 @@ impl Peer {
             label,
         }
     }
+
+    /// The verified identity as the app is told it.
+    pub(crate) fn client_id(&self) -> Option<&HeaderValue> {
+        self.client_id.as_ref()
+    }
 }
 
 impl Forwarder {
@@ -101,17 +106,33 @@ impl Forwarder {
         let method = req.method().clone();
         let (route_name, service, response) = self.dispatch(req, &peer).await;
         let status = response.status().as_u16();
+        let backend = response
+            .extensions()
+            .get::<Backend>()
+            .map(|b| b.0.clone())
+            .unwrap_or_default();
+        self.observe(route_name, service, backend, &peer, status, started);
+        tracing::debug!(http.method = %method, http.status = status, "Request");
+        response
+    }
+
+    /// Counts a finished request and its latency.
+    pub(crate) fn observe(
+        &self,
+        route: Label,
+        service: Label,
+        backend: Label,
+        peer: &Peer,
+        status: u16,
+        started: Instant,
+    ) {
         let m = &self.metrics;
         m.requests
             .get_or_create(&RequestLabels {
                 direction: self.direction,
-                route: route_name.clone(),
+                route: route.clone(),
                 service: service.clone(),
-                backend: response
-                    .extensions()
-                    .get::<Backend>()
-                    .map(|b| b.0.clone())
-                    .unwrap_or_default(),
+                backend,
                 peer: peer.label.clone(),
                 tls: if peer.tls { "true" } else { "false" },
                 status,
@@ -120,12 +141,104 @@ impl Forwarder {
         m.latency
             .get_or_create(&LatencyLabels {
                 direction: self.direction,
-                route: route_name,
+                route,
                 service,
             })
             .observe(started.elapsed().as_secs_f64());
-        tracing::debug!(http.method = %method, http.status = status, "Request");
-        response
+    }
+
+    /// What to do with a request, decided from its head alone: L7
+    /// authorization, the route, the backend service by weight.
+    pub(crate) fn plan<R: RequestView>(&self, req: &R, peer: &Peer) -> Plan {
+        if let Some(rules) = &self.http_rules
+            && let Err(denial) = authorize(rules, req.method(), req.path(), peer, self.port)
+        {
+            tracing::info!(peer = %peer.label, http.method = req.method(), url.path = req.path(), policy = %denial.policy, "Request denied by policy");
+            self.metrics.denials.record(serde_json::json!({
+                "peer": peer.identity.as_ref().map(ToString::to_string),
+                "address": peer.addr.map(|a| a.to_string()),
+                "port": self.port,
+                "method": req.method(),
+                "path": req.path(),
+                "policy": denial.policy,
+            }));
+            // One label for every denial: the message names the path and
+            // peer, which must not become label values.
+            return Plan::Answer {
+                route: Label::new("denied"),
+                service: Label::default(),
+                status: StatusCode::FORBIDDEN,
+                message: denial.message,
+            };
+        }
+        let Some(route) = pick_route(&self.routes, req).or(self.default_route.as_ref()) else {
+            return Plan::Answer {
+                route: Label::default(),
+                service: Label::default(),
+                status: StatusCode::NOT_FOUND,
+                message: "no route matches this request".to_string(),
+            };
+        };
+        let backends = route.backends.as_slice();
+        let chosen = pick_weighted(
+            backends,
+            rand::random_range(0..total_weight(backends).max(1)),
+        );
+        let service = self.services[chosen].clone();
+        if service.endpoints.is_empty() {
+            return Plan::Answer {
+                route: route.label.clone(),
+                service: service.label.clone(),
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!("service {} has no ready endpoints", service.name),
+            };
+        }
+        // Inbound never retries: the caller's proxy does.
+        let retry = if self.retries {
+            route.retry
+        } else {
+            RetryPolicy {
+                attempts: 0,
+                non_idempotent: false,
+            }
+        };
+        Plan::Forward {
+            route: route.label.clone(),
+            service,
+            retry,
+            timeout: route.timeout.unwrap_or(self.request_timeout),
+        }
+    }
+
+    /// Ends an attempt on endpoint `i` in the balancer, counting an
+    /// ejection it causes.
+    pub(crate) fn settle(&self, service: &Service, i: usize, rtt: Duration, outcome: Outcome) {
+        if service.finish(i, rtt, outcome) {
+            let endpoint = &service.endpoints[i];
+            self.metrics
+                .ejections
+                .get_or_create(&EndpointLabels {
+                    service: service.name.clone(),
+                    endpoint: endpoint.addr.to_string(),
+                })
+                .inc();
+            tracing::info!(service.name = %service.name, endpoint = %endpoint.addr, "Endpoint ejected after consecutive failures");
+        }
+    }
+
+    /// Whether the service's retry budget allows one more attempt (counted
+    /// either way).
+    pub(crate) fn may_retry(&self, service: &Service) -> bool {
+        let labels = ServiceLabels {
+            service: service.name.clone(),
+        };
+        if service.try_retry() {
+            self.metrics.retries.get_or_create(&labels).inc();
+            true
+        } else {
+            self.metrics.retries_refused.get_or_create(&labels).inc();
+            false
+        }
     }
 
     /// Returns the route name and service for metrics, and the response.
@@ -134,69 +247,28 @@ impl Forwarder {
         mut req: Request<Incoming>,
         peer: &Peer,
     ) -> (Label, Label, Response<Body>) {
-        if let Some(rules) = &self.http_rules
-            && let Err(denial) = authorize(rules, req.method(), req.uri().path(), peer, self.port)
-        {
-            tracing::info!(peer = %peer.label, http.method = %req.method(), url.path = req.uri().path(), policy = %denial.policy, "Request denied by policy");
-            self.metrics.denials.record(serde_json::json!({
-                "peer": peer.identity.as_ref().map(ToString::to_string),
-                "address": peer.addr.map(|a| a.to_string()),
-                "port": self.port,
-                "method": req.method().as_str(),
-                "path": req.uri().path(),
-                "policy": denial.policy,
-            }));
-            // One label for every denial: the message names the path and
-            // peer, which must not become label values.
-            return (
-                Label::new("denied"),
-                Label::default(),
-                text(StatusCode::FORBIDDEN, &denial.message),
-            );
-        }
+        let (route, service, retry, timeout) = match self.plan(&req, peer) {
+            Plan::Answer {
+                route,
+                service,
+                status,
+                message,
+            } => return (route, service, text(status, &message)),
+            Plan::Forward {
+                route,
+                service,
+                retry,
+                timeout,
+            } => (route, service, retry, timeout),
+        };
         if self.forwarded_for {
             tell_app_the_caller(req.headers_mut(), peer);
         }
-        let Some(route) = pick_route(&self.routes, &req).or(self.default_route.as_ref()) else {
-            return (
-                Label::default(),
-                Label::default(),
-                text(StatusCode::NOT_FOUND, "no route matches this request"),
-            );
-        };
-        let (route_name, backends, retry, timeout) = (
-            route.label.clone(),
-            route.backends.as_slice(),
-            route.retry,
-            route.timeout,
-        );
-        let chosen = pick_weighted(
-            backends,
-            rand::random_range(0..total_weight(backends).max(1)),
-        );
-        let service = self.services[chosen].clone();
-        if service.endpoints.is_empty() {
-            let msg = format!("service {} has no ready endpoints", service.name);
-            return (
-                route_name,
-                service.label.clone(),
-                text(StatusCode::SERVICE_UNAVAILABLE, &msg),
-            );
-        }
-        let timeout = timeout.unwrap_or(self.request_timeout);
         let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-        let retry = if self.retries {
-            retry
-        } else {
-            RetryPolicy {
-                attempts: 0,
-                non_idempotent: false,
-            }
-        };
         let response = self
             .forward(&service, req, retry, timeout, client_upgrade)
             .await;
-        (route_name, service.label.clone(), response)
+        (route, service.label.clone(), response)
     }
 
     async fn forward(
@@ -283,12 +355,7 @@ impl Forwarder {
             let (outcome, resend_safe, response) = match result {
                 Ok(Ok(mut resp)) => {
                     let failed = resp.status().is_server_error();
-                    let retryable = matches!(
-                        resp.status(),
-                        StatusCode::BAD_GATEWAY
-                            | StatusCode::SERVICE_UNAVAILABLE
-                            | StatusCode::GATEWAY_TIMEOUT
-                    );
+                    let retryable = is_retryable_status(resp.status().as_u16());
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(client_side) = client_upgrade {
                             splice_upgrade(client_side, hyper::upgrade::on(&mut resp));
@@ -341,29 +408,12 @@ impl Forwarder {
                     )
                 }
             };
-            if service.finish(i, rtt, outcome) {
-                self.metrics
-                    .ejections
-                    .get_or_create(&EndpointLabels {
-                        service: service.name.clone(),
-                        endpoint: endpoint.addr.to_string(),
-                    })
-                    .inc();
-                tracing::info!(service.name = %service.name, endpoint = %endpoint.addr, "Endpoint ejected after consecutive failures");
-            }
+            self.settle(service, i, rtt, outcome);
             let attempts_left = (tried.len() as u32) <= retry.attempts;
             let can_resend = kept.is_some() && resend_safe && attempts_left;
-            if outcome == Outcome::Success || !can_resend {
+            if outcome == Outcome::Success || !can_resend || !self.may_retry(service) {
                 return response;
             }
-            let labels = ServiceLabels {
-                service: service.name.clone(),
-            };
-            if !service.try_retry() {
-                self.metrics.retries_refused.get_or_create(&labels).inc();
-                return response;
-            }
-            self.metrics.retries.get_or_create(&labels).inc();
         }
     }
 }
@@ -372,16 +422,67 @@ impl Forwarder {
 #[derive(Debug, Clone)]
 struct Backend(Label);
 
+/// What [`Forwarder::plan`] decided.
+#[derive(Debug)]
+pub(crate) enum Plan {
+    /// Send it to `service`.
+    Forward {
+        route: Label,
+        service: Arc<Service>,
+        retry: RetryPolicy,
+        timeout: Duration,
+    },
+    /// The proxy answers itself (denied, no route, no endpoints).
+    Answer {
+        route: Label,
+        service: Label,
+        status: StatusCode,
+        message: String,
+    },
+}
+
+/// Gateway errors worth another endpoint's try (idempotent requests).
+pub(crate) fn is_retryable_status(status: u16) -> bool {
+    matches!(status, 502..=504)
+}
+
+/// What routing and authorization read of a request's head: hyper's
+/// requests and the HTTP/1 fast path's parsed heads alike.
+pub trait RequestView {
+    fn method(&self) -> &str;
+    /// Without the query.
+    fn path(&self) -> &str;
+    /// The first value of a header (`name` in lower case).
+    fn header(&self, name: &str) -> Option<&str>;
+    /// The target's authority (HTTP/2, absolute-form HTTP/1).
+    fn authority(&self) -> Option<&str>;
+}
+
+impl<B> RequestView for Request<B> {
+    fn method(&self) -> &str {
+        self.method().as_str()
+    }
+    fn path(&self) -> &str {
+        self.uri().path()
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers().get(name).and_then(|h| h.to_str().ok())
+    }
+    fn authority(&self) -> Option<&str> {
+        self.uri().authority().map(|a| a.as_str())
+    }
+}
+
 /// The first route with a match that fits the request (Gateway API order:
 /// rules in the order given).
-pub fn pick_route<'a, B>(routes: &'a [Route], req: &Request<B>) -> Option<&'a Route> {
+pub fn pick_route<'a, R: RequestView>(routes: &'a [Route], req: &R) -> Option<&'a Route> {
     routes
         .iter()
         .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| fits_match(m, req)))
 }
 
-fn fits_match<B>(m: &RouteMatch, req: &Request<B>) -> bool {
-    let path = req.uri().path();
+fn fits_match<R: RequestView>(m: &RouteMatch, req: &R) -> bool {
+    let path = req.path();
     if let Some(p) = &m.path_exact
         && path != p
     {
@@ -400,15 +501,15 @@ fn fits_match<B>(m: &RouteMatch, req: &Request<B>) -> bool {
         }
     }
     if let Some(method) = &m.method
-        && req.method().as_str() != method
+        && req.method() != method
     {
         return false;
     }
     m.headers.iter().all(|(k, v)| {
-        let value = req.headers().get(k.as_str()).and_then(|h| h.to_str().ok());
+        let value = req.header(k);
         // `host`: HTTP/2 carries it as the request's authority.
         let value = match value {
-            None if k == "host" => req.uri().authority().map(|a| a.as_str()),
+            None if k == "host" => req.authority(),
             other => other,
         };
         // Host names compare without case; other values exactly.
@@ -460,17 +561,13 @@ pub struct Denial {
 /// admits the method and path.
 pub fn authorize(
     rules: &[HttpRule],
-    method: &Method,
+    method: &str,
     path: &str,
     peer: &Peer,
     port: u16,
 ) -> Result<(), Denial> {
     let covers = |r: &&HttpRule| r.covers(peer.identity.as_ref(), peer.addr, port);
-    if rules
-        .iter()
-        .filter(covers)
-        .any(|r| r.admits(method.as_str(), path))
-    {
+    if rules.iter().filter(covers).any(|r| r.admits(method, path)) {
         return Ok(());
     }
     // Refused: name the policies that speak for this peer.
@@ -503,15 +600,20 @@ fn tell_app_the_caller(headers: &mut HeaderMap, peer: &Peer) {
     if let Some(id) = &peer.client_id {
         headers.insert(CLIENT_ID, id.clone());
     }
-    let Some(addr) = &peer.addr_text else { return };
-    let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let earlier = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    if let Some(v) = forwarded_for(earlier, peer) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+/// `x-forwarded-for` with the caller's address after the `earlier` hops.
+pub(crate) fn forwarded_for(earlier: Option<&str>, peer: &Peer) -> Option<HeaderValue> {
+    let addr = peer.addr_text.as_ref()?;
+    match earlier {
         Some(earlier) => {
             HeaderValue::from_str(&format!("{earlier}, {}", addr.to_str().unwrap_or_default())).ok()
         }
         None => Some(addr.clone()),
-    };
-    if let Some(v) = forwarded {
-        headers.insert("x-forwarded-for", v);
     }
 }
 
@@ -747,8 +849,9 @@ mod tests {
             },
         ];
         let from_web = Peer::new(Some(web.clone()), true, None);
-        let ok =
-            |m: &Method, path: &str, peer: &Peer, port: u16| authorize(&rules, m, path, peer, port);
+        let ok = |m: &Method, path: &str, peer: &Peer, port: u16| {
+            authorize(&rules, m.as_str(), path, peer, port)
+        };
         assert!(ok(&Method::GET, "/items/1", &from_web, 8080).is_ok());
         let denied = ok(&Method::POST, "/items/1", &from_web, 8080).unwrap_err();
         assert_eq!(denied.policy, "Policy shop/read-only");

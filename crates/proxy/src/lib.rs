@@ -9,6 +9,7 @@ pub mod config;
 pub mod detect;
 pub mod discovery;
 pub mod dns;
+mod h1;
 pub mod http;
 pub mod io;
 pub mod metrics;
@@ -28,6 +29,12 @@ use crate::metrics::Metrics;
 use crate::server::{Listener, Targets};
 use crate::tls::Identity;
 use crate::transparent::Transparent;
+
+/// A mutex's guard; a panic elsewhere while it was held does not poison
+/// the proxy.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 use crate::upstream::Service;
 
 /// How often the identity files are checked for a renewed certificate.

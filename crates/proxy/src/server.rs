@@ -130,6 +130,15 @@ impl Listener {
         }
     }
 
+    /// The forwarder for a request on a connection headed to `dst` that
+    /// began with `first`.
+    fn current(&self, dst: Option<SocketAddr>, first: &Arc<Forwarder>) -> Arc<Forwarder> {
+        match dst {
+            Some(_) => self.forwarder(dst).unwrap_or_else(|_| first.clone()),
+            None => first.clone(),
+        }
+    }
+
     async fn connection(
         self: &Arc<Self>,
         mut tcp: TcpStream,
@@ -265,7 +274,20 @@ impl Listener {
             (false, _) => "opaque",
         };
         self.count(direction, name, peer.tls, &peer.label.to_string());
-        if http {
+        // Shared by the connection's requests: made once, never copied.
+        let peer = Arc::new(peer);
+        if http && protocol == Protocol::Http1 {
+            let mut drain = drain;
+            let current = || self.current(dst, forwarder);
+            match crate::h1::serve(io, &peer, current, &mut drain).await {
+                crate::h1::Ended::Closed => {}
+                crate::h1::Ended::Handoff(read, io) => {
+                    let io = Prefixed::new(read, io);
+                    serve_http(io, self.clone(), dst, forwarder.clone(), peer, drain).await;
+                }
+            }
+            Ok(())
+        } else if http {
             serve_http(io, self.clone(), dst, forwarder.clone(), peer, drain).await;
             Ok(())
         } else {
@@ -333,18 +355,13 @@ async fn serve_http<T>(
     listener: Arc<Listener>,
     dst: Option<SocketAddr>,
     first: Arc<Forwarder>,
-    peer: Peer,
+    peer: Arc<Peer>,
     mut drain: watch::Receiver<bool>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // Shared by the connection's requests: made once, never copied.
-    let peer = Arc::new(peer);
     let service = service_fn(move |req| {
-        let forwarder = match dst {
-            Some(_) => listener.forwarder(dst).unwrap_or_else(|_| first.clone()),
-            None => first.clone(),
-        };
+        let forwarder = listener.current(dst, &first);
         let peer = peer.clone();
         async move { Ok::<_, std::convert::Infallible>(forwarder.handle(req, peer).await) }
     });
@@ -365,7 +382,7 @@ async fn serve_http<T>(
 }
 
 /// Resolves once draining starts (or the proxy is going away).
-async fn drained(drain: &mut watch::Receiver<bool>) {
+pub(crate) async fn drained(drain: &mut watch::Receiver<bool>) {
     let _ = drain.wait_for(|d| *d).await;
 }
 

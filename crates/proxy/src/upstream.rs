@@ -36,7 +36,14 @@ pub struct Endpoint {
     pub connector: Connector,
     pub http1: Client<Connector, Body>,
     pub http2: Client<Connector, Body>,
+    /// Idle HTTP/1 connections of the fast path, the newest last.
+    idle: Mutex<Vec<(Stream, Instant)>>,
 }
+
+/// How long an idle connection is kept, as hyper's pool does.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per endpoint.
+const MAX_IDLE: usize = 1024;
 
 /// A service: endpoints, the balancer over them, and a retry budget.
 #[derive(Debug)]
@@ -73,7 +80,7 @@ impl Service {
 
     /// Picks an endpoint not in `tried` and counts the request as pending on it.
     pub fn pick(&self, tried: &[usize]) -> Option<usize> {
-        let mut balancer = self.balancer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut balancer = crate::lock(&self.balancer);
         let i = balancer.pick(Instant::now(), tried, |n| rand::random_range(0..n))?;
         balancer.start(i);
         Some(i)
@@ -83,24 +90,18 @@ impl Service {
     /// failure ejected the endpoint.
     pub fn finish(&self, i: usize, rtt: Duration, outcome: Outcome) -> bool {
         let now = Instant::now();
-        let mut balancer = self.balancer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut balancer = crate::lock(&self.balancer);
         let before = balancer.is_ejected(i, now);
         balancer.finish(i, now, rtt, outcome);
         !before && balancer.is_ejected(i, now)
     }
 
     pub fn deposit(&self) {
-        self.budget
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .deposit(Instant::now());
+        crate::lock(&self.budget).deposit(Instant::now());
     }
 
     pub fn try_retry(&self) -> bool {
-        self.budget
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .try_withdraw(Instant::now())
+        crate::lock(&self.budget).try_withdraw(Instant::now())
     }
 }
 
@@ -143,8 +144,41 @@ impl Endpoint {
             connector,
             http1,
             http2,
+            idle: Mutex::new(Vec::new()),
         })
     }
+
+    /// The newest idle connection that is still open, if any.
+    pub fn checkout(&self) -> Option<Stream> {
+        loop {
+            let (mut conn, since) = crate::lock(&self.idle).pop()?;
+            if since.elapsed() < IDLE_TIMEOUT && still_open(&mut conn) {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Keeps a connection that ended a response cleanly for the next request.
+    pub fn checkin(&self, conn: Stream) {
+        let mut idle = crate::lock(&self.idle);
+        let expired = idle
+            .iter()
+            .take_while(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
+            .count();
+        idle.drain(..expired);
+        if idle.len() < MAX_IDLE {
+            idle.push((conn, Instant::now()));
+        }
+    }
+}
+
+/// Whether an idle connection is still open: the peer has neither closed
+/// it nor sent anything unasked (which would spoil the next response).
+fn still_open(conn: &mut Stream) -> bool {
+    use futures_util::FutureExt as _;
+    use tokio::io::AsyncReadExt as _;
+    let mut probe = [0u8; 1];
+    conn.read(&mut probe).now_or_never().is_none()
 }
 
 /// Opens connections to one endpoint, whatever URI hyper asks for.

@@ -760,3 +760,139 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A backend written byte by byte: it answers each request head with the
+/// canned response its path names, framed as real apps frame them, and
+/// counts the connections it accepted.
+async fn raw_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = socket.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let (reply, then_close): (&[u8], bool) = match path.as_str() {
+                        "/chunked" => (
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n",
+                            false,
+                        ),
+                        "/hints" => (
+                            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhints",
+                            false,
+                        ),
+                        "/head" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", false),
+                        "/close" => (
+                            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nclose",
+                            true,
+                        ),
+                        "/eof" => (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true),
+                        // Answers, then drops the idle connection soon after
+                        // (a short keep-alive timeout).
+                        "/brief" => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nbrief", true),
+                        _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false),
+                    };
+                    if tcp.write_all(reply).await.is_err() {
+                        return;
+                    }
+                    if then_close {
+                        if path == "/brief" {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Writes `request` on a new connection and reads until the proxy closes it.
+async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes the connection after `Connection: close`")
+        .unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_bodies_cross_as_framed_and_upstream_connections_are_reused() {
+    let (backend, accepted) = raw_backend().await;
+    let listen = free_port();
+    let proxy = Proxy::start(&format!(
+        "outbound: [{{listen: {listen}, service: raw}}]\nservices: {{raw: {{endpoints: [{{addr: {backend}}}]}}}}\n"
+    ))
+    .await;
+    // Pipelined requests on one connection, answered in order: a chunked
+    // body with trailers (its bogus content-length dropped), a 1xx before
+    // the final response, a HEAD whose content-length has no body.
+    let got = raw_exchange(
+        listen,
+        "GET /chunked HTTP/1.1\r\nHost: raw\r\n\r\nGET /hints HTTP/1.1\r\nHost: raw\r\n\r\nHEAD /head HTTP/1.1\r\nHost: raw\r\n\r\nGET / HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        got,
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n\
+         HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhints\
+         HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n\
+         HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\nok"
+    );
+    // All four went over one upstream connection.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // A body that ends when the upstream closes ends the client's
+    // connection too; an upstream `Connection: close` does not.
+    let got = raw_exchange(listen, "GET /eof HTTP/1.1\r\nHost: raw\r\n\r\n").await;
+    assert_eq!(
+        got,
+        "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end"
+    );
+    let h1 = client();
+    for _ in 0..3 {
+        let (status, body) = call(&h1, "GET", &format!("http://{listen}/close"))
+            .await
+            .unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "close"));
+    }
+    // An idle upstream connection the app dropped is not used again: each
+    // request after the app's keep-alive timeout still succeeds, POSTs too.
+    for method in ["GET", "POST", "GET", "POST"] {
+        let (status, body) = call(&h1, method, &format!("http://{listen}/brief"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "brief"),
+            "{method}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric_sum(&metrics, "skiff_proxy_requests_total"),
+        4.0 + 1.0 + 3.0 + 4.0,
+        "{metrics}"
+    );
+    proxy.stop().await;
+}
