@@ -831,7 +831,7 @@ async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out))
         .await
-        .expect("the proxy closes the connection after `Connection: close`")
+        .unwrap_or_else(|_| panic!("the proxy did not close the connection: {request:?}"))
         .unwrap();
     String::from_utf8(out).unwrap()
 }
