@@ -116,6 +116,26 @@ impl Forwarder {
         response
     }
 
+    /// Where an opaque (non-HTTP) connection goes. Bytes have no method,
+    /// path or headers, so a route's first rule without matches splits
+    /// them by its weights (as a Gateway API TCPRoute would); without such
+    /// a rule, the listener's TCP service.
+    pub fn opaque_service(&self) -> Option<&Arc<Service>> {
+        let catch_all = self
+            .routes
+            .iter()
+            .find(|r| r.matches.is_empty())
+            .filter(|r| total_weight(&r.backends) > 0);
+        let index = match catch_all {
+            Some(r) => pick_weighted(
+                &r.backends,
+                rand::random_range(0..total_weight(&r.backends)),
+            ),
+            None => self.tcp_service?,
+        };
+        self.services.get(index)
+    }
+
     /// Counts a finished request and its latency.
     pub(crate) fn observe(
         &self,

@@ -314,10 +314,7 @@ async fn opaque<T: AsyncRead + AsyncWrite + Unpin>(
     mut io: T,
     forwarder: &Forwarder,
 ) -> std::io::Result<()> {
-    let Some(service) = forwarder
-        .tcp_service
-        .and_then(|s| forwarder.services.get(s))
-    else {
+    let Some(service) = forwarder.opaque_service() else {
         return Ok(());
     };
     let mut tried = Vec::new();

@@ -673,9 +673,19 @@ mod tests {
             "198.19.17.4:80".parse().unwrap()
         );
         assert_eq!(f.routes[0].backends, vec![(0, 90), (1, 10)]);
-        // Unmatched requests: 404, as Gateway API asks; opaque: the service.
+        // Unmatched requests: 404, as Gateway API asks.
         assert!(f.default_route.is_none());
-        assert_eq!(f.tcp_service, Some(0));
+        // Opaque connections follow the rule without matches by weight.
+        let mut v2 = 0;
+        for _ in 0..1000 {
+            if f.opaque_service().unwrap().name == "shop/web-v2" {
+                v2 += 1;
+            }
+        }
+        assert!((40..=200).contains(&v2), "{v2} of 1000 to a 10 % backend");
+        let all_v2 = transparent("outbound", shop(1, 100));
+        let f = all_v2.forwarder("198.18.128.2:80".parse().unwrap()).unwrap();
+        assert!((0..100).all(|_| f.opaque_service().unwrap().name == "shop/web-v2"));
         // Without routes, everything goes to the service itself.
         let plain = t.forwarder("198.18.128.3:80".parse().unwrap()).unwrap();
         assert!(plain.routes.is_empty() && plain.default_route.is_some());

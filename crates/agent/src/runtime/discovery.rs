@@ -651,13 +651,22 @@ pub async fn collect(
         tokio::time::sleep(COLLECT_EVERY).await;
         let locals = discovery.locals();
         after.retain(|id, _| locals.contains_key(id));
+        // Every proxy at once: a hung one costs the others nothing.
+        let asked = locals.iter().map(|(id, address)| {
+            let admin = SocketAddr::from((*address, admin_port));
+            let seen = after.get(id).copied().unwrap_or(0);
+            async move {
+                let peers = get_json(admin, "/peers").await.ok()?;
+                let denials = get_json(admin, &format!("/denials?after={seen}"))
+                    .await
+                    .ok();
+                Some((id, *address, peers, denials))
+            }
+        });
+        let answers = futures_util::future::join_all(asked).await;
         let mut applied: BTreeMap<String, u64> = BTreeMap::new();
         let mut answered = 0u32;
-        for (id, address) in &locals {
-            let admin = SocketAddr::from((*address, admin_port));
-            let Ok(peers) = get_json(admin, "/peers").await else {
-                continue;
-            };
+        for (id, address, peers, denials) in answers.into_iter().flatten() {
             answered += 1;
             if let Some(revisions) = peers.get("revisions").and_then(Value::as_object) {
                 for (kind, r) in revisions {
@@ -668,8 +677,7 @@ pub async fn collect(
                         .or_insert(r);
                 }
             }
-            let seen = after.get(id).copied().unwrap_or(0);
-            if let Ok(d) = get_json(admin, &format!("/denials?after={seen}")).await {
+            if let Some(d) = denials {
                 let next = d.get("next").and_then(Value::as_u64).unwrap_or(0);
                 for denial in d
                     .get("denials")
@@ -678,7 +686,7 @@ pub async fn collect(
                     .flatten()
                 {
                     let port = denial.get("port").and_then(Value::as_u64).unwrap_or(0) as u16;
-                    report(*address, port, denial);
+                    report(address, port, denial);
                 }
                 // A restarted proxy numbers from 1 again.
                 after.insert(id.clone(), next);
