@@ -40,6 +40,26 @@ use crate::upstream::Service;
 /// How often the identity files are checked for a renewed certificate.
 const IDENTITY_POLL: Duration = Duration::from_secs(1);
 
+/// Calls `reload` every [`IDENTITY_POLL`]: it re-reads a certificate's
+/// files and says whether a renewed one is now in use.
+fn watch_certificate(
+    what: &'static str,
+    reload: impl Fn() -> Result<bool, tls::TlsError> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(IDENTITY_POLL).await;
+            match reload() {
+                Ok(true) => tracing::info!(certificate = what, "Certificate renewed"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(certificate = what, error = %e, "Renewed certificate unusable; keeping the current one")
+                }
+            }
+        }
+    });
+}
+
 /// Runs the proxy until `shutdown` resolves, then drains: readiness turns
 /// false, listeners close, open connections get `config.drain` to finish.
 /// Fails before serving anything when a listener cannot bind or the
@@ -54,23 +74,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             let watched = identity.clone();
             let files = files.clone();
             let gauge = metrics.cert_expiry.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(IDENTITY_POLL).await;
-                    match watched.reload(&files) {
-                        Ok(true) => {
-                            gauge.set(watched.not_after_unix());
-                            tracing::info!(
-                                not_after = watched.not_after_unix(),
-                                "Certificate renewed"
-                            );
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::warn!(error = %e, "Renewed certificate unusable; keeping the current one")
-                        }
-                    }
+            watch_certificate("workload", move || {
+                let renewed = watched.reload(&files)?;
+                if renewed {
+                    gauge.set(watched.not_after_unix());
                 }
+                Ok(renewed)
             });
             Some(identity)
         }
@@ -167,7 +176,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             edge_tls: o
                 .tls
                 .as_ref()
-                .map(|(cert, key)| tls::edge_server_config(cert, key))
+                .map(|(cert, key)| {
+                    let edge = tls::EdgeCert::load(cert, key)?;
+                    let watched = edge.clone();
+                    watch_certificate("edge", move || watched.reload());
+                    edge.server_config()
+                })
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("outbound[{}].tls: {e}", o.listen))?,
             allow_plaintext: true,

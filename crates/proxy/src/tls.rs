@@ -4,7 +4,7 @@
 //! swap use the new one, established connections are untouched.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -181,26 +181,92 @@ impl Identity {
 /// connection's bytes are opaque (not HTTP).
 pub const OPAQUE_ALPN: &[u8] = b"skiff.opaque/1";
 
-/// TLS toward clients outside the mesh (the ingress gateway's listener):
-/// a certificate chain and key from PEM files, TLS 1.2 and 1.3, HTTP/2
-/// and HTTP/1.1 offered by ALPN, no client certificate asked for.
-pub fn edge_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// The certificate toward clients outside the mesh (the ingress gateway's
+/// HTTPS), from PEM files that are re-read by [`EdgeCert::reload`]: a
+/// renewed certificate is used for new handshakes without a restart.
+#[derive(Debug)]
+pub struct EdgeCert {
+    cert: PathBuf,
+    key: PathBuf,
+    /// The PEM texts it was made from, and the key rustls serves.
+    current: RwLock<((String, String), Arc<CertifiedKey>)>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl EdgeCert {
+    pub fn load(cert: &Path, key: &Path) -> Result<Arc<EdgeCert>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let source = (read(cert)?, read(key)?);
+        let certified = edge_key(&provider, cert, key, &source)?;
+        Ok(Arc::new(EdgeCert {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: RwLock::new((source, certified)),
+            provider,
+        }))
+    }
+
+    /// Re-reads the files; swaps a changed, usable pair in. Returns
+    /// whether it changed. A bad pair is an error and the old one stays.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let source = (read(&self.cert)?, read(&self.key)?);
+        if self.current.read().unwrap_or_else(|p| p.into_inner()).0 == source {
+            return Ok(false);
+        }
+        let certified = edge_key(&self.provider, &self.cert, &self.key, &source)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (source, certified);
+        Ok(true)
+    }
+
+    /// TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1 offered by ALPN, no client
+    /// certificate asked for, the current certificate at each handshake.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(EdgeResolver(self.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+fn edge_key(
+    provider: &CryptoProvider,
+    cert: &Path,
+    key: &Path,
+    (cert_pem, key_pem): &(String, String),
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let named = |path: &Path, e: String| TlsError::File(path.display().to_string(), e);
-    let certs =
-        skiff_identity::certs_from_pem(&read(cert)?).map_err(|e| named(cert, e.to_string()))?;
+    let certs = skiff_identity::certs_from_pem(cert_pem).map_err(|e| named(cert, e.to_string()))?;
     if certs.is_empty() {
         return Err(named(cert, "no certificate in the PEM".into()));
     }
-    let key_der =
-        skiff_identity::key_from_pem(&read(key)?).map_err(|e| named(key, e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)
+    let key_der = skiff_identity::key_from_pem(key_pem).map_err(|e| named(key, e.to_string()))?;
+    let signing = provider
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| named(key, e.to_string()))?;
+    let certified = Arc::new(CertifiedKey::new(certs, signing));
+    certified
+        .keys_match()
         .map_err(|e| named(key, format!("does not match the certificate: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(certified)
+}
+
+#[derive(Debug)]
+struct EdgeResolver(Arc<EdgeCert>);
+
+impl rustls::server::ResolvesServerCert for EdgeResolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.0
+                .current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .1
+                .clone(),
+        )
+    }
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
@@ -459,5 +525,38 @@ mod tests {
             handshake(&web, &db, &db.id()).await.unwrap(),
             Some(web.id())
         );
+    }
+
+    #[test]
+    fn a_renewed_edge_certificate_is_served_and_a_bad_one_is_refused() {
+        let pki = TestPki::new();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let write = |(c, k): &(String, String)| {
+            std::fs::write(&cert, c).unwrap();
+            std::fs::write(&key, k).unwrap();
+        };
+        let leaf = |pem: &str| skiff_identity::certs_from_pem(pem).unwrap()[0].clone();
+        let served = |edge: &Arc<EdgeCert>| edge.current.read().unwrap().1.cert[0].clone();
+        let first = pki.issue("gw", "edge", std::time::Duration::from_secs(600));
+        write(&first);
+        let edge = EdgeCert::load(&cert, &key).unwrap();
+        edge.server_config().unwrap();
+        assert_eq!(served(&edge), leaf(&first.0));
+        assert!(!edge.reload().unwrap());
+        let renewed = pki.issue("gw", "edge", std::time::Duration::from_secs(7200));
+        write(&renewed);
+        assert!(edge.reload().unwrap());
+        assert_eq!(served(&edge), leaf(&renewed.0));
+        // A key that does not match: refused, naming the file; the renewed pair stays.
+        write(&(first.0.clone(), renewed.1.clone()));
+        let err = edge.reload().unwrap_err().to_string();
+        assert!(
+            err.contains("tls.key") && err.contains("does not match"),
+            "{err}"
+        );
+        assert_eq!(served(&edge), leaf(&renewed.0));
+        // So is a first load of such a pair.
+        assert!(EdgeCert::load(&cert, &key).is_err());
     }
 }

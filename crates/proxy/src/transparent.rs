@@ -684,7 +684,9 @@ mod tests {
         }
         assert!((40..=200).contains(&v2), "{v2} of 1000 to a 10 % backend");
         let all_v2 = transparent("outbound", shop(1, 100));
-        let f = all_v2.forwarder("198.18.128.2:80".parse().unwrap()).unwrap();
+        let f = all_v2
+            .forwarder("198.18.128.2:80".parse().unwrap())
+            .unwrap();
         assert!((0..100).all(|_| f.opaque_service().unwrap().name == "shop/web-v2"));
         // Without routes, everything goes to the service itself.
         let plain = t.forwarder("198.18.128.3:80".parse().unwrap()).unwrap();
