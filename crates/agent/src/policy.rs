@@ -262,7 +262,13 @@ impl Enforcer {
                 .filter(|t| !t.is_empty())
                 .unwrap_or_else(crate::runtime::instance::now_rfc3339),
             node: self.node.clone(),
-            verdict: "denied",
+            // What the proxy did: refused, or let pass what an
+            // audit-mode policy would refuse.
+            verdict: if text("verdict") == "audit-denied" {
+                "audit-denied"
+            } else {
+                "denied"
+            },
             direction: "ingress",
             protocol: "HTTP",
             port,

@@ -40,6 +40,9 @@ pub struct Forwarder {
     /// L7 authorization (inbound): when present, a request must be
     /// admitted by one rule.
     pub http_rules: Option<Vec<HttpRule>>,
+    /// L7 authorization in audit mode: a request these rules would refuse
+    /// passes and is recorded as an audit denial.
+    pub audit_rules: Option<Vec<HttpRule>>,
     /// Inbound: the port requests arrive for (rules' ports, denial records).
     pub port: u16,
     /// Inbound: sources a policy lets in without mTLS on this port.
@@ -174,14 +177,7 @@ impl Forwarder {
             && let Err(denial) = authorize(rules, req.method(), req.path(), peer, self.port)
         {
             tracing::info!(peer = %peer.label, http.method = req.method(), url.path = req.path(), policy = %denial.policy, "Request denied by policy");
-            self.metrics.denials.record(serde_json::json!({
-                "peer": peer.identity.as_ref().map(ToString::to_string),
-                "address": peer.addr.map(|a| a.to_string()),
-                "port": self.port,
-                "method": req.method(),
-                "path": req.path(),
-                "policy": denial.policy,
-            }));
+            self.record_denial(req, peer, &denial, "denied");
             // One label for every denial: the message names the path and
             // peer, which must not become label values.
             return Plan::Answer {
@@ -190,6 +186,12 @@ impl Forwarder {
                 status: StatusCode::FORBIDDEN,
                 message: denial.message,
             };
+        }
+        if let Some(rules) = &self.audit_rules
+            && let Err(denial) = authorize(rules, req.method(), req.path(), peer, self.port)
+        {
+            tracing::info!(peer = %peer.label, http.method = req.method(), url.path = req.path(), policy = %denial.policy, "Request passed; an audit-mode policy would deny it");
+            self.record_denial(req, peer, &denial, "audit-denied");
         }
         let Some(route) = pick_route(&self.routes, req).or(self.default_route.as_ref()) else {
             return Plan::Answer {
@@ -228,6 +230,20 @@ impl Forwarder {
             retry,
             timeout: route.timeout.unwrap_or(self.request_timeout),
         }
+    }
+
+    /// Keeps a refusal (`denied`), or what an audit-mode policy would
+    /// have refused (`audit-denied`), for `/denials`.
+    fn record_denial<R: RequestView>(&self, req: &R, peer: &Peer, denial: &Denial, verdict: &str) {
+        self.metrics.denials.record(serde_json::json!({
+            "peer": peer.identity.as_ref().map(ToString::to_string),
+            "address": peer.addr.map(|a| a.to_string()),
+            "port": self.port,
+            "method": req.method(),
+            "path": req.path(),
+            "policy": denial.policy,
+            "verdict": verdict,
+        }));
     }
 
     /// Ends an attempt on endpoint `i` in the balancer, counting an

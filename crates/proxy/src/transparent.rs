@@ -56,6 +56,11 @@ pub struct InboundPolicy {
     /// L7 authorization, when some policy selecting the instance has
     /// `http` rules: then every request must be admitted by a rule.
     pub http: Option<Vec<HttpRule>>,
+    /// What L7 authorization would be were the audit-mode policies
+    /// selecting the instance enforced (present when one has `http`
+    /// rules): requests it would refuse pass and are reported as
+    /// audit denials.
+    pub audit: Option<Vec<HttpRule>>,
     /// Sources policy lets in (a `cidr` peer): they may connect without
     /// mTLS, on the rules' ports.
     pub plaintext: Vec<HttpRule>,
@@ -317,6 +322,7 @@ impl Entry {
                 };
                 let policy = InboundPolicy {
                     http: rules("http")?,
+                    audit: rules("audit")?,
                     plaintext: rules("plaintext")?.unwrap_or_default(),
                     opaque_ports: ports(entry)?,
                 };
@@ -408,6 +414,7 @@ struct Plan {
     routes: Vec<Route>,
     default_route: Option<Route>,
     http_rules: Option<Vec<HttpRule>>,
+    audit_rules: Option<Vec<HttpRule>>,
     plaintext: Vec<Source>,
     /// Bytes only: the port is declared `tcp`.
     opaque: bool,
@@ -478,6 +485,7 @@ impl Transparent {
             tcp_service: Some(0),
             request_timeout: self.timeouts.request,
             http_rules: plan.http_rules.clone(),
+            audit_rules: plan.audit_rules.clone(),
             port: dst.port(),
             plaintext: plan.plaintext.clone(),
             opaque: plan.opaque,
@@ -518,6 +526,7 @@ impl Transparent {
             Some(p) => p.http.as_deref().map(on_port),
             None => self.http_rules.clone(),
         };
+        let audit_rules = policy.and_then(|p| p.audit.as_deref().map(on_port));
         let plaintext = policy
             .map(|p| {
                 on_port(&p.plaintext)
@@ -538,6 +547,7 @@ impl Transparent {
             routes: Vec::new(),
             default_route: Some(Route::to_service(&app.to_string(), 0)),
             http_rules,
+            audit_rules,
             plaintext,
             opaque: policy.is_some_and(|p| p.opaque_ports.contains(&dst.port())),
         }
@@ -571,6 +581,7 @@ fn outbound_plan(peers: &Peers, dst: SocketAddr) -> Plan {
         routes,
         default_route,
         http_rules: None,
+        audit_rules: None,
         plaintext: Vec::new(),
         opaque,
     };
@@ -751,6 +762,35 @@ mod tests {
         // An address the table has no policy for: the config's (none).
         let elsewhere = t.forwarder("198.19.16.9:8080".parse().unwrap()).unwrap();
         assert!(elsewhere.http_rules.is_none());
+    }
+
+    #[test]
+    fn audit_rules_let_requests_pass_and_record_what_they_would_refuse() {
+        let t = transparent(
+            "inbound",
+            peers(serde_json::json!({"version": 1, "peers": {},
+                "inbound": {"198.19.16.2": {"http": null, "plaintext": [],
+                    "audit": [{"policy": "Policy shop/watch", "methods": ["GET"], "ports": [[8080, 8080]]}]}}})),
+        );
+        let f = t.forwarder("198.19.16.2:8080".parse().unwrap()).unwrap();
+        assert!(f.http_rules.is_none());
+        let peer = crate::http::Peer::new(None, true, Some("198.19.17.2".parse().unwrap()));
+        let plan = |method: &str| {
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri("/items")
+                .body(())
+                .unwrap();
+            f.plan(&req, &peer)
+        };
+        assert!(matches!(plan("GET"), crate::http::Plan::Forward { .. }));
+        assert!(matches!(plan("POST"), crate::http::Plan::Forward { .. }));
+        let recorded = f.metrics.denials.after(0);
+        let denials = recorded["denials"].as_array().unwrap();
+        assert_eq!(denials.len(), 1, "{recorded}");
+        assert_eq!(denials[0]["method"], "POST");
+        assert_eq!(denials[0]["verdict"], "audit-denied");
+        assert_eq!(denials[0]["policy"], "Policy shop/watch");
     }
 
     #[test]

@@ -636,4 +636,27 @@ fn routes_and_l7_policy_reach_the_proxies_and_are_acknowledged() {
         plain.0, 200,
         "plaintext from the allowed address: {plain:?}"
     );
+
+    // Audit mode: with api-read gone and an audit-mode policy in its
+    // place, a POST passes, and `skiff flows` says which policy would
+    // have refused it.
+    let (ok, _, err) = skiff(&c, &["delete", "policy", "api-read", "-n", "mesh"]);
+    assert!(ok, "{err}");
+    let watch = "apiVersion: skiff.dev/v1\nkind: Policy\nmetadata: {name: api-watch, namespace: mesh}\nspec:\n  mode: audit\n  selector: {matchLabels: {skiff.dev/service: api-v2}}\n  ingress:\n    - from: [{workloads: {matchLabels: {skiff.dev/service: client}}}]\n      ports: [{port: 8080}]\n      http: {methods: [GET]}\n";
+    apply(&c, dir.path(), "watch.yaml", watch);
+    acknowledged(&c, "policies", revision_of(&c, "policy", "api-watch"));
+    let (status, body) =
+        curl_with(&client_ns, &["-X", "POST"], &url).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 200, "audit mode lets it pass: {body}");
+    eventually(
+        Duration::from_secs(10),
+        "the audit denial in skiff flows",
+        || {
+            let (_, out, _) = skiff(&c, &["flows", "-n", "mesh", "--verdict", "audit-denied"]);
+            out.lines()
+                .find(|l| l.contains("8080/HTTP ingress: Policy mesh/api-watch (POST / by"))
+                .map(String::from)
+        },
+        || skiff(&c, &["flows", "--json"]).1,
+    );
 }

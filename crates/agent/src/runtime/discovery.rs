@@ -519,9 +519,11 @@ impl Workloads {
 
 /// What one local instance's inbound side must know: `http` (every
 /// ingress rule of the enforcing policies that select it, when any of
-/// them has an `http` section), `plaintext` (rules with address peers)
-/// and `opaquePorts` (its Service's ports declared `tcp`). `None` when
-/// none applies.
+/// them has an `http` section), `audit` (the same, were the audit-mode
+/// policies selecting it enforced too, when one of those has an `http`
+/// section), `plaintext` (enforced rules with address peers) and
+/// `opaquePorts` (its Service's ports declared `tcp`). `None` when none
+/// applies.
 fn inbound_policy(s: &State, world: &Workloads, instance: &Value) -> Option<Value> {
     let (ns, service) = (
         text(instance, "/metadata/namespace"),
@@ -533,25 +535,67 @@ fn inbound_policy(s: &State, world: &Workloads, instance: &Value) -> Option<Valu
         .get(&format!("{ns}/{service}"))
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let selecting: Vec<&PolicyRule> = s
-        .policies
-        .values()
-        .filter(|p| {
-            p.mode == Mode::Enforce
-                && p.id.namespace == ns
-                && p.ingress.is_some()
-                && p.selector.matches(&labels)
-        })
-        .collect();
-    let mut http = Vec::new();
-    let mut plaintext = Vec::new();
-    let mut any_http = false;
-    for p in selecting {
+    let selecting = |mode: Mode| -> Vec<&PolicyRule> {
+        s.policies
+            .values()
+            .filter(|p| {
+                p.mode == mode
+                    && p.id.namespace == ns
+                    && p.ingress.is_some()
+                    && p.selector.matches(&labels)
+            })
+            .collect()
+    };
+    let enforced = http_rules(&selecting(Mode::Enforce), world, ports);
+    let audited = http_rules(&selecting(Mode::Audit), world, ports);
+    let opaque = s
+        .opaque_ports
+        .get(&format!("{ns}/{service}"))
+        .cloned()
+        .unwrap_or_default();
+    let any_http = enforced.any_http;
+    if !any_http && !audited.any_http && enforced.plaintext.is_empty() && opaque.is_empty() {
+        return None;
+    }
+    let mut entry = json!({
+        "http": if any_http { Value::Array(enforced.http.clone()) } else { Value::Null },
+        "plaintext": enforced.plaintext,
+    });
+    if audited.any_http {
+        // Policies only ever add what they allow: what would hold is the
+        // enforced rules and the audited ones together.
+        let mut would = enforced.http;
+        would.extend(audited.http);
+        entry["audit"] = Value::Array(would);
+    }
+    if !opaque.is_empty() {
+        entry["opaquePorts"] = json!(opaque);
+    }
+    Some(entry)
+}
+
+/// Policies' ingress rules as the proxy's L7 rules.
+struct HttpRules {
+    /// Every rule (one without `http` allows every method and path).
+    http: Vec<Value>,
+    /// Rules with address peers: sources let in without mTLS.
+    plaintext: Vec<Value>,
+    /// Some rule has an `http` section (so L7 authorization applies).
+    any_http: bool,
+}
+
+fn http_rules(policies: &[&PolicyRule], world: &Workloads, ports: &[NamedPort]) -> HttpRules {
+    let mut out = HttpRules {
+        http: Vec::new(),
+        plaintext: Vec::new(),
+        any_http: false,
+    };
+    for p in policies {
         for rule in p.ingress.iter().flatten() {
             let Some(tcp_ports) = tcp_port_ranges(&rule.ports, ports) else {
                 continue;
             };
-            any_http |= rule.http.is_some();
+            out.any_http |= rule.http.is_some();
             let mut identities = Vec::new();
             let mut sources = Vec::new();
             for peer in &rule.peers {
@@ -577,9 +621,10 @@ fn inbound_policy(s: &State, world: &Workloads, instance: &Value) -> Option<Valu
                 .unwrap_or_default();
             let policy = p.id.to_string();
             if !sources.is_empty() {
-                plaintext.push(json!({"policy": policy, "sources": sources, "ports": tcp_ports}));
+                out.plaintext
+                    .push(json!({"policy": policy, "sources": sources, "ports": tcp_ports}));
             }
-            http.push(json!({
+            out.http.push(json!({
                 "policy": policy,
                 "methods": methods,
                 "paths": paths,
@@ -589,22 +634,7 @@ fn inbound_policy(s: &State, world: &Workloads, instance: &Value) -> Option<Valu
             }));
         }
     }
-    let opaque = s
-        .opaque_ports
-        .get(&format!("{ns}/{service}"))
-        .cloned()
-        .unwrap_or_default();
-    if !any_http && plaintext.is_empty() && opaque.is_empty() {
-        return None;
-    }
-    let mut entry = json!({
-        "http": if any_http { Value::Array(http) } else { Value::Null },
-        "plaintext": plaintext,
-    });
-    if !opaque.is_empty() {
-        entry["opaquePorts"] = json!(opaque);
-    }
-    Some(entry)
+    out
 }
 
 /// A rule's TCP ports as `[first, last]` ranges, named ports resolved
@@ -947,6 +977,12 @@ mod tests {
         // The ghost rule selects nobody and the UDP rule covers no TCP
         // port: neither is in (and the audit policy is not enforced).
         assert_eq!(http.len(), 3, "{http:?}");
+        // Were the audit policy enforced too: the same rules, and its own.
+        let audit = db["audit"].as_array().unwrap();
+        assert_eq!(audit[..3], http[..]);
+        assert_eq!(audit.len(), 4, "{audit:?}");
+        assert_eq!(audit[3]["policy"], json!("Policy shop/watch"));
+        assert_eq!(audit[3]["methods"], json!(["HEAD"]));
         assert_eq!(
             db["plaintext"],
             json!([{"policy": "Policy shop/db-read", "sources": [{"cidr": "10.0.0.0/8", "except": ["10.9.0.0/16"]}], "ports": [[8080, 8080]]}])
