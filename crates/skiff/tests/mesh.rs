@@ -585,6 +585,18 @@ fn routes_and_l7_policy_reach_the_proxies_and_are_acknowledged() {
         "of {} POSTs",
         sent.load(Ordering::SeqCst)
     );
+    // The leaving instance stopped on every node's acknowledgement, not
+    // because the wait for it gave up.
+    for n in &c.nodes {
+        let log =
+            std::fs::read_to_string(c.dir.join(format!("{}.log", n.name))).unwrap_or_default();
+        assert!(
+            !log.contains("acknowledged this instance's removal in time"),
+            "{}: {}",
+            n.name,
+            log_tail(&c, &n.name)
+        );
+    }
     // The split moves entirely to v2.
     apply(&c, dir.path(), "route.yaml", &route(0, 100));
     acknowledged(&c, "routes", revision_of(&c, "route", "api-canary"));

@@ -743,17 +743,21 @@ pub async fn collect(
 pub struct ClusterAcks {
     floor: watch::Sender<u64>,
     waiters: std::sync::atomic::AtomicUsize,
+    /// Nodes are being watched: `floor` is current.
+    following: std::sync::atomic::AtomicBool,
     wake: Notify,
 }
 
-/// How often Nodes are read while an instance waits to leave.
-const ACKS_EVERY: Duration = Duration::from_millis(250);
+/// How long a Node watch outlives the last waiter, and the pause after a
+/// failed list.
+const ACKS_IDLE: Duration = Duration::from_secs(1);
 
 impl ClusterAcks {
     pub fn new(client: Client) -> Arc<ClusterAcks> {
         let acks = Arc::new(ClusterAcks {
             floor: watch::channel(0).0,
             waiters: std::sync::atomic::AtomicUsize::new(0),
+            following: std::sync::atomic::AtomicBool::new(false),
             wake: Notify::new(),
         });
         tokio::spawn(acks.clone().follow(client));
@@ -765,7 +769,9 @@ impl ClusterAcks {
     /// does not hold an instance forever). Returns whether they did.
     pub async fn wait(&self, revision: u64, within: Duration) -> bool {
         use std::sync::atomic::Ordering;
-        if self.waiters.fetch_add(1, Ordering::SeqCst) == 0 {
+        if self.waiters.fetch_add(1, Ordering::SeqCst) == 0
+            && !self.following.load(Ordering::SeqCst)
+        {
             // Not followed while nobody waited: forget the old floor.
             self.floor.send_replace(0);
         }
@@ -778,6 +784,10 @@ impl ClusterAcks {
         done
     }
 
+    /// While someone waits: lists the Nodes, then follows their watch,
+    /// keeping each one's applied revision, so an acknowledgement counts
+    /// as soon as it is written and a waiting agent costs the control
+    /// plane one watch, not a list of every Node four times a second.
     async fn follow(self: Arc<Self>, client: Client) {
         use std::sync::atomic::Ordering;
         let Some(nodes) = skiff_api::KindInfo::find("nodes") else {
@@ -788,38 +798,60 @@ impl ClusterAcks {
                 self.wake.notified().await;
                 continue;
             }
-            match client.list(nodes, None, None).await {
-                Ok(list) => {
-                    self.floor.send_replace(acknowledged_floor(&list.items));
-                }
+            let list = match client.list(nodes, None, None).await {
+                Ok(list) => list,
                 Err(e) => {
-                    tracing::debug!(error = %e, "Cannot read Nodes for mesh acknowledgements")
+                    tracing::debug!(error = %e, "Cannot read Nodes for mesh acknowledgements");
+                    tokio::time::sleep(ACKS_IDLE).await;
+                    continue;
                 }
+            };
+            let mut applied: BTreeMap<String, u64> = list
+                .items
+                .iter()
+                .filter_map(|n| Some((crate::name_of(n), node_floor(n)?)))
+                .collect();
+            let floor = |applied: &BTreeMap<String, u64>| {
+                applied.values().copied().min().unwrap_or(u64::MAX)
+            };
+            self.floor.send_replace(floor(&applied));
+            self.following.store(true, Ordering::SeqCst);
+            let mut events = client.watch(nodes, None, None, list.revision);
+            while self.waiters.load(Ordering::SeqCst) > 0 {
+                let event = tokio::select! {
+                    e = events.next() => e,
+                    () = tokio::time::sleep(ACKS_IDLE) => continue,
+                };
+                let Some(Ok(event)) = event else { break };
+                let name = crate::name_of(&event.object);
+                match (event.kind, node_floor(&event.object)) {
+                    (skiff_client::EventType::Deleted, _) | (_, None) => {
+                        applied.remove(&name);
+                    }
+                    (_, Some(r)) => {
+                        applied.insert(name, r);
+                    }
+                }
+                self.floor.send_replace(floor(&applied));
             }
-            tokio::time::sleep(ACKS_EVERY).await;
+            self.following.store(false, Ordering::SeqCst);
         }
     }
 }
 
-/// Over ready Nodes with sidecar proxies that answer, the lowest
-/// `instances` revision applied; `u64::MAX` when there is none (nothing
-/// to wait for).
-fn acknowledged_floor(nodes: &[Value]) -> u64 {
-    nodes
-        .iter()
-        .filter(|n| n.pointer("/status/ready").and_then(Value::as_bool) == Some(true))
-        .filter(|n| {
-            n.pointer("/status/mesh/answered")
-                .and_then(Value::as_u64)
-                .is_some_and(|a| a > 0)
-        })
-        .map(|n| {
-            n.pointer("/status/mesh/applied/instances")
-                .and_then(Value::as_u64)
-                .unwrap_or(0)
-        })
-        .min()
-        .unwrap_or(u64::MAX)
+/// The `instances` revision a Node's sidecar proxies applied, if it is
+/// ready and has proxies that answer (else it is not waited for).
+fn node_floor(node: &Value) -> Option<u64> {
+    let ready = node.pointer("/status/ready").and_then(Value::as_bool) == Some(true);
+    let answered = node
+        .pointer("/status/mesh/answered")
+        .and_then(Value::as_u64)
+        .is_some_and(|a| a > 0);
+    (ready && answered).then(|| {
+        node.pointer("/status/mesh/applied/instances")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    })
 }
 
 /// Writes `status.mesh` of this node.
@@ -1128,8 +1160,9 @@ mod tests {
             node(true, 0, 0),
             json!({"status": {"ready": true}}),
         ];
-        assert_eq!(acknowledged_floor(&nodes), 42);
-        assert_eq!(acknowledged_floor(&nodes[2..]), u64::MAX);
+        let floor = |nodes: &[Value]| nodes.iter().filter_map(node_floor).min();
+        assert_eq!(floor(&nodes), Some(42));
+        assert_eq!(floor(&nodes[2..]), None);
     }
 
     #[test]
