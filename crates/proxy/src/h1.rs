@@ -1056,6 +1056,21 @@ mod tests {
         let (r, down) = relayed(Framing::UntilClose, b"all of it", 2).await;
         assert!(!r.unwrap());
         assert_eq!(down, b"HEAD\nall of it");
+        // Bodies larger than what is gathered before a write.
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let (r, down) = relayed(Framing::Length(big.len() as u64), &big, 7_000).await;
+        assert!(r.unwrap());
+        assert_eq!(down[5..], big[..]);
+        let mut chunked = Vec::new();
+        for part in big.chunks(70_000) {
+            chunked.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            chunked.extend_from_slice(part);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        let (r, down) = relayed(Framing::Chunked, &chunked, 9_000).await;
+        assert!(r.unwrap());
+        assert_eq!(down[5..], chunked[..]);
         // Cut short, or lying about a chunk's size.
         assert!(relayed(Framing::Length(10), b"abc", 1).await.0.is_err());
         assert!(

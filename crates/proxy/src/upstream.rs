@@ -150,26 +150,34 @@ impl Endpoint {
 
     /// The newest idle connection that is still open, if any.
     pub fn checkout(&self) -> Option<Stream> {
-        loop {
-            let (mut conn, since) = crate::lock(&self.idle).pop()?;
-            if since.elapsed() < IDLE_TIMEOUT && still_open(&mut conn) {
+        let mut idle = crate::lock(&self.idle);
+        drop_expired(&mut idle);
+        while let Some((mut conn, _)) = idle.pop() {
+            if still_open(&mut conn) {
                 return Some(conn);
             }
         }
+        None
     }
 
     /// Keeps a connection that ended a response cleanly for the next request.
     pub fn checkin(&self, conn: Stream) {
         let mut idle = crate::lock(&self.idle);
-        let expired = idle
-            .iter()
-            .take_while(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
-            .count();
-        idle.drain(..expired);
+        drop_expired(&mut idle);
         if idle.len() < MAX_IDLE {
             idle.push((conn, Instant::now()));
         }
     }
+}
+
+/// Closes idle connections kept longer than [`IDLE_TIMEOUT`] (the oldest
+/// come first).
+fn drop_expired(idle: &mut Vec<(Stream, Instant)>) {
+    let expired = idle
+        .iter()
+        .take_while(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
+        .count();
+    idle.drain(..expired);
 }
 
 /// Whether an idle connection is still open: the peer has neither closed
