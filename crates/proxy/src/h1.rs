@@ -28,7 +28,7 @@ use crate::balance::Outcome;
 use crate::config::RetryPolicy;
 use crate::http::{
     CLIENT_ID, Forwarder, Peer, Plan, RETRYABLE_BODY, RequestView, forwarded_for, is_idempotent,
-    is_retryable_status,
+    judge,
 };
 use crate::io::Stream;
 use crate::metrics::Label;
@@ -117,15 +117,13 @@ where
                 message,
             } => {
                 let close = head.close || *drain.borrow();
-                scratch.out.clear();
-                write_text(&mut scratch.out, status, &message, close);
-                let sent = send(&mut io, &scratch.out).await.is_ok();
+                let keep = answer(&mut io, &mut scratch.out, status, &message, close).await;
                 Reply {
                     route,
                     service,
                     backend: Label::default(),
                     status: status.as_u16(),
-                    keep: sent && !close,
+                    keep,
                 }
             }
             Plan::Forward {
@@ -231,14 +229,9 @@ where
     loop {
         let Some(i) = service.pick(&scratch.tried) else {
             let message = format!("service {} has no endpoints", service.name);
-            return answer(
-                down,
-                scratch,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &message,
-                request,
-            )
-            .await;
+            let status = StatusCode::SERVICE_UNAVAILABLE;
+            let keep = answer(down, &mut scratch.out, status, &message, request.close).await;
+            return (Label::default(), status.as_u16(), keep);
         };
         scratch.tried.push(i);
         let endpoint = &service.endpoints[i];
@@ -262,12 +255,7 @@ where
         // endpoint, or it is idempotent (or the route opted in).
         let (outcome, resend_safe, reply) = match result {
             Ok(Ok((conn, head))) => {
-                let outcome = if head.status >= 500 {
-                    Outcome::Failure
-                } else {
-                    Outcome::Success
-                };
-                let safe = is_retryable_status(head.status) && resend_allowed;
+                let (outcome, safe) = judge(head.status, resend_allowed);
                 (outcome, safe, Ok((conn, head)))
             }
             Ok(Err(Failed { sent, message })) => (
@@ -285,19 +273,21 @@ where
             ),
         };
         forwarder.settle(service, i, rtt, outcome);
-        let attempts_left = (scratch.tried.len() as u32) <= request.retry.attempts;
-        if outcome == Outcome::Failure
-            && resend_safe
-            && attempts_left
-            && forwarder.may_retry(service)
-        {
+        if forwarder.try_again(
+            service,
+            outcome,
+            resend_safe,
+            scratch.tried.len(),
+            request.retry,
+        ) {
             continue;
         }
         match reply {
             Err((status, error)) => {
                 let message = format!("upstream {} ({}): {error}", endpoint.addr, service.name);
                 tracing::debug!(error = %message, "Upstream failed");
-                return answer(down, scratch, status, &message, request).await;
+                let keep = answer(down, &mut scratch.out, status, &message, request.close).await;
+                return (Label::default(), status.as_u16(), keep);
             }
             Ok((mut conn, head)) => {
                 let relayed = relay(
@@ -326,18 +316,18 @@ where
     }
 }
 
-/// The proxy's own answer to a request.
+/// The proxy's own answer to a request (`close`: and the connection
+/// ends). Returns whether the connection can carry another request.
 async fn answer<D: AsyncWrite + Unpin>(
     down: &mut D,
-    scratch: &mut Scratch,
+    out: &mut Vec<u8>,
     status: StatusCode,
     message: &str,
-    request: &Request<'_>,
-) -> (Label, u16, bool) {
-    scratch.out.clear();
-    write_text(&mut scratch.out, status, message, request.close);
-    let sent = send(down, &scratch.out).await.is_ok();
-    (Label::default(), status.as_u16(), sent && !request.close)
+    close: bool,
+) -> bool {
+    out.clear();
+    write_text(out, status, message, close);
+    send(down, out).await.is_ok() && !close
 }
 
 /// An attempt that got no response.
@@ -542,6 +532,9 @@ struct Head {
     target: (usize, usize),
     /// Name and value of each field.
     fields: Vec<((usize, usize), (usize, usize))>,
+    /// The values of the `Connection` fields (the hop-by-hop fields they
+    /// name are not sent on).
+    connection: Vec<(usize, usize)>,
     content_length: usize,
     /// `Connection: close`.
     close: bool,
@@ -573,6 +566,7 @@ impl Head {
         self.method = span(buf, method.as_bytes());
         self.target = span(buf, target.as_bytes());
         self.fields.clear();
+        self.connection.clear();
         self.close = false;
         let mut length = None;
         for h in req.headers.iter() {
@@ -590,6 +584,7 @@ impl Head {
                 }
             }
             if name.eq_ignore_ascii_case("connection") {
+                self.connection.push(span(buf, h.value));
                 for token in tokens(h.value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         self.close = true;
@@ -666,11 +661,7 @@ fn write_request(out: &mut Vec<u8>, buf: &[u8], head: &Head, peer: &Peer, tell_a
     out.push(b' ');
     out.extend_from_slice(&buf[head.target.0..head.target.1]);
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let connection = || {
-        head.fields(buf)
-            .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
-            .map(|(_, v)| v)
-    };
+    let connection = || head.connection.iter().map(|&(a, b)| &buf[a..b]);
     let mut earlier = None;
     for (name, value) in head.fields(buf) {
         if hop_by_hop(name, value, connection()) {
@@ -837,22 +828,24 @@ fn parse_response(
         length.map_or(Framing::UntilClose, Framing::Length)
     };
     let closes = close || framing == Framing::UntilClose;
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
-    out.push(b' ');
+    {
+        use std::io::Write as _;
+        let _ = write!(out, "HTTP/1.1 {status} ");
+    }
     out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
-    let connection = || {
-        resp.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-            .map(|h| h.value)
-    };
+    // Gathered once: each field is checked against them.
+    let connection: Vec<&[u8]> = resp
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .map(|h| h.value)
+        .collect();
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         // With a transfer coding, a content-length means nothing (RFC
         // 9112 section 6.3) and must not reach the client.
-        if hop_by_hop(name, h.value, connection())
+        if hop_by_hop(name, h.value, connection.iter().copied())
             || (encoded && name.eq_ignore_ascii_case(b"content-length"))
         {
             continue;

@@ -262,9 +262,27 @@ impl Forwarder {
         }
     }
 
+    /// After attempt number `tries` ended with `outcome`: whether to send
+    /// the request to another endpoint. Only after a failure, where
+    /// sending again is safe, within the route's attempts and the
+    /// service's retry budget.
+    pub(crate) fn try_again(
+        &self,
+        service: &Service,
+        outcome: Outcome,
+        resend_safe: bool,
+        tries: usize,
+        retry: RetryPolicy,
+    ) -> bool {
+        outcome == Outcome::Failure
+            && resend_safe
+            && tries as u32 <= retry.attempts
+            && self.may_retry(service)
+    }
+
     /// Whether the service's retry budget allows one more attempt (counted
     /// either way).
-    pub(crate) fn may_retry(&self, service: &Service) -> bool {
+    fn may_retry(&self, service: &Service) -> bool {
         let labels = ServiceLabels {
             service: service.name.clone(),
         };
@@ -390,13 +408,13 @@ impl Forwarder {
             // endpoint, or it is idempotent (or the route opted in).
             let (outcome, resend_safe, response) = match result {
                 Ok(Ok(mut resp)) => {
-                    let failed = resp.status().is_server_error();
-                    let retryable = is_retryable_status(resp.status().as_u16());
+                    let (outcome, resend_safe) =
+                        judge(resp.status().as_u16(), idempotent || retry.non_idempotent);
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                         if let Some(client_side) = client_upgrade {
                             splice_upgrade(client_side, hyper::upgrade::on(&mut resp));
                         }
-                        service.finish(i, rtt, Outcome::Success);
+                        self.settle(service, i, rtt, Outcome::Success);
                         let mut resp = resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
                         resp.extensions_mut()
                             .insert(Backend(endpoint.label.clone()));
@@ -406,16 +424,7 @@ impl Forwarder {
                     let mut resp = resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
                     resp.extensions_mut()
                         .insert(Backend(endpoint.label.clone()));
-                    let outcome = if failed {
-                        Outcome::Failure
-                    } else {
-                        Outcome::Success
-                    };
-                    (
-                        outcome,
-                        retryable && (idempotent || retry.non_idempotent),
-                        resp,
-                    )
+                    (outcome, resend_safe, resp)
                 }
                 Ok(Err(e)) => {
                     let never_sent = e.is_connect();
@@ -445,9 +454,9 @@ impl Forwarder {
                 }
             };
             self.settle(service, i, rtt, outcome);
-            let attempts_left = (tried.len() as u32) <= retry.attempts;
-            let can_resend = kept.is_some() && resend_safe && attempts_left;
-            if outcome == Outcome::Success || !can_resend || !self.may_retry(service) {
+            let again =
+                kept.is_some() && self.try_again(service, outcome, resend_safe, tried.len(), retry);
+            if !again {
                 return response;
             }
         }
@@ -477,9 +486,16 @@ pub(crate) enum Plan {
     },
 }
 
-/// Gateway errors worth another endpoint's try (idempotent requests).
-pub(crate) fn is_retryable_status(status: u16) -> bool {
-    matches!(status, 502..=504)
+/// How an upstream's answer with `status` counts: a failure when 5xx;
+/// safe to send again elsewhere when a gateway error and
+/// `resend_allowed` (an idempotent request, or a route that opted in).
+pub(crate) fn judge(status: u16, resend_allowed: bool) -> (Outcome, bool) {
+    let outcome = if status >= 500 {
+        Outcome::Failure
+    } else {
+        Outcome::Success
+    };
+    (outcome, matches!(status, 502..=504) && resend_allowed)
 }
 
 /// What routing and authorization read of a request's head: hyper's
