@@ -246,6 +246,7 @@ where
                 request,
                 close,
                 &mut scratch.upstream,
+                down,
                 &mut scratch.out,
             ),
         )
@@ -338,13 +339,15 @@ struct Failed {
 }
 
 /// One attempt: a connection (pooled or new), the request written, the
-/// response head read. Any 1xx responses before it are added to `out`,
-/// then the final head as the client gets it.
-async fn exchange(
+/// response head read. A 1xx response goes to `down` as it arrives (103
+/// Early Hints are only useful ahead of the final response); the final
+/// head is left in `out` as the client gets it.
+async fn exchange<D: AsyncWrite + Unpin>(
     endpoint: &Endpoint,
     request: &Request<'_>,
     close: bool,
     upstream: &mut BytesMut,
+    down: &mut D,
     out: &mut Vec<u8>,
 ) -> Result<(Stream, ResponseHead), Failed> {
     let mut conn = match endpoint.checkout() {
@@ -362,6 +365,13 @@ async fn exchange(
         .await
         .map_err(|e| failed(format!("sending the request: {e}")))?;
     loop {
+        if !out.is_empty() {
+            // Interim responses only: the final head is not read yet. A
+            // client that has gone shows when the final response is
+            // written, so a failure here is left to that write.
+            let _ = send(down, out).await;
+            out.clear();
+        }
         upstream.reserve(4096);
         match conn.read_buf(upstream).await {
             Ok(0) => return Err(failed("closed the connection before responding".into())),

@@ -36,14 +36,25 @@ pub struct Endpoint {
     pub connector: Connector,
     pub http1: Client<Connector, Body>,
     pub http2: Client<Connector, Body>,
-    /// Idle HTTP/1 connections of the fast path, the newest last.
-    idle: Mutex<Vec<(Stream, Instant)>>,
+    /// Idle HTTP/1 connections of the fast path.
+    idle: Arc<Mutex<Idle>>,
+}
+
+/// An endpoint's idle connections, the newest last, each with when it
+/// went idle.
+#[derive(Debug, Default)]
+struct Idle {
+    conns: Vec<(Stream, tokio::time::Instant)>,
+    /// A task is sweeping these (see [`sweep`]).
+    swept: bool,
 }
 
 /// How long an idle connection is kept, as hyper's pool does.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per endpoint.
 const MAX_IDLE: usize = 1024;
+/// How often idle connections are checked while there are any.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// A service: endpoints, the balancer over them, and a retry budget.
 #[derive(Debug)]
@@ -144,15 +155,15 @@ impl Endpoint {
             connector,
             http1,
             http2,
-            idle: Mutex::new(Vec::new()),
+            idle: Arc::default(),
         })
     }
 
     /// The newest idle connection that is still open, if any.
     pub fn checkout(&self) -> Option<Stream> {
         let mut idle = crate::lock(&self.idle);
-        drop_expired(&mut idle);
-        while let Some((mut conn, _)) = idle.pop() {
+        drop_expired(&mut idle.conns);
+        while let Some((mut conn, _)) = idle.conns.pop() {
             if still_open(&mut conn) {
                 return Some(conn);
             }
@@ -161,18 +172,50 @@ impl Endpoint {
     }
 
     /// Keeps a connection that ended a response cleanly for the next request.
+    /// A task sweeps the idle connections while there are any, so those
+    /// of an endpoint that gets no more requests are closed too.
     pub fn checkin(&self, conn: Stream) {
         let mut idle = crate::lock(&self.idle);
-        drop_expired(&mut idle);
-        if idle.len() < MAX_IDLE {
-            idle.push((conn, Instant::now()));
+        drop_expired(&mut idle.conns);
+        if idle.conns.len() < MAX_IDLE {
+            idle.conns.push((conn, tokio::time::Instant::now()));
+        }
+        if !idle.swept {
+            idle.swept = true;
+            tokio::spawn(sweep(Arc::downgrade(&self.idle)));
+        }
+    }
+
+    /// Idle connections kept (for tests).
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        crate::lock(&self.idle).conns.len()
+    }
+}
+
+/// Every [`SWEEP_EVERY`], closes the idle connections that expired or
+/// that the peer closed (a socket left in CLOSE_WAIT holds a descriptor on
+/// both sides). Ends when none are left, or when the endpoint is gone
+/// (its connections close with it).
+async fn sweep(idle: std::sync::Weak<Mutex<Idle>>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let Some(idle) = idle.upgrade() else {
+            return;
+        };
+        let mut idle = crate::lock(&idle);
+        drop_expired(&mut idle.conns);
+        idle.conns.retain_mut(|(conn, _)| still_open(conn));
+        if idle.conns.is_empty() {
+            idle.swept = false;
+            return;
         }
     }
 }
 
 /// Closes idle connections kept longer than [`IDLE_TIMEOUT`] (the oldest
 /// come first).
-fn drop_expired(idle: &mut Vec<(Stream, Instant)>) {
+fn drop_expired(idle: &mut Vec<(Stream, tokio::time::Instant)>) {
     let expired = idle
         .iter()
         .take_while(|(_, since)| since.elapsed() >= IDLE_TIMEOUT)
@@ -257,5 +300,82 @@ impl tower::Service<Uri> for Connector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { this.connect().await.map(|s| Conn(TokioIo::new(s))) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// An endpoint on a local listener.
+    async fn endpoint() -> (Endpoint, tokio::net::TcpListener) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = EndpointConfig {
+            addr: listener.local_addr().unwrap(),
+            identity: None,
+        };
+        let endpoint = Endpoint::new(&config, None, Duration::from_secs(1)).unwrap();
+        (endpoint, listener)
+    }
+
+    /// `n` connections to `endpoint`, checked in idle; returns the
+    /// listener's ends of them.
+    async fn idle_connections(
+        endpoint: &Endpoint,
+        listener: &tokio::net::TcpListener,
+        n: usize,
+    ) -> Vec<TcpStream> {
+        let mut accepted = Vec::new();
+        for _ in 0..n {
+            let conn = endpoint.connector.connect().await.unwrap();
+            accepted.push(listener.accept().await.unwrap().0);
+            endpoint.checkin(conn);
+        }
+        accepted
+    }
+
+    /// Reads until the peer closes; panics if it sends anything.
+    async fn closed(mut tcp: TcpStream) {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest))
+            .await
+            .expect("the idle connection was not closed")
+            .unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_of_an_endpoint_with_no_traffic_are_closed() {
+        let (endpoint, listener) = endpoint().await;
+        let mut accepted = idle_connections(&endpoint, &listener, 3).await;
+        assert_eq!(endpoint.idle_count(), 3);
+        // One the app closes is let go at the next sweep, not at 90 s.
+        drop(accepted.pop());
+        tokio::time::sleep(SWEEP_EVERY + Duration::from_secs(1)).await;
+        assert_eq!(endpoint.idle_count(), 2);
+        // The others are closed once idle for the timeout, with no request
+        // to prune them.
+        tokio::time::sleep(IDLE_TIMEOUT).await;
+        assert_eq!(endpoint.idle_count(), 0);
+        for tcp in accepted {
+            closed(tcp).await;
+        }
+        // The sweeping task ended with the pool; the next idle connection
+        // starts another.
+        let accepted = idle_connections(&endpoint, &listener, 1).await;
+        tokio::time::sleep(IDLE_TIMEOUT + SWEEP_EVERY).await;
+        assert_eq!(endpoint.idle_count(), 0);
+        closed(accepted.into_iter().next().unwrap()).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_close_with_their_endpoint() {
+        let (endpoint, listener) = endpoint().await;
+        let accepted = idle_connections(&endpoint, &listener, 2).await;
+        drop(endpoint);
+        for tcp in accepted {
+            closed(tcp).await;
+        }
     }
 }

@@ -763,16 +763,20 @@ fn metric_sum(text: &str, name: &str) -> f64 {
 
 /// A backend written byte by byte: it answers each request head with the
 /// canned response its path names, framed as real apps frame them, and
-/// counts the connections it accepted.
-async fn raw_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+/// counts the connections it accepted. `/early` sends a 103 and holds its
+/// final response until the returned `Notify` is notified.
+async fn raw_backend() -> (SocketAddr, Arc<AtomicUsize>, Arc<tokio::sync::Notify>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = socket.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let released = release.clone();
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = socket.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
+            let released = released.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -787,11 +791,19 @@ async fn raw_backend() -> (SocketAddr, Arc<AtomicUsize>) {
                     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                     buf.drain(..end + 4);
                     let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    if path == "/early" {
+                        let hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n";
+                        if tcp.write_all(hints).await.is_err() {
+                            return;
+                        }
+                        released.notified().await;
+                    }
                     let (reply, then_close): (&[u8], bool) = match path.as_str() {
                         "/chunked" => (
                             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n",
                             false,
                         ),
+                        "/early" => (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly", false),
                         "/hints" => (
                             b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhints",
                             false,
@@ -820,7 +832,7 @@ async fn raw_backend() -> (SocketAddr, Arc<AtomicUsize>) {
             });
         }
     });
-    (addr, accepted)
+    (addr, accepted, release)
 }
 
 /// Writes `request` on a new connection and reads until the proxy closes it.
@@ -838,7 +850,7 @@ async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_bodies_cross_as_framed_and_upstream_connections_are_reused() {
-    let (backend, accepted) = raw_backend().await;
+    let (backend, accepted, release) = raw_backend().await;
     let listen = free_port();
     let proxy = Proxy::start(&format!(
         "outbound: [{{listen: {listen}, service: raw}}]\nservices: {{raw: {{endpoints: [{{addr: {backend}}}]}}}}\n"
@@ -888,10 +900,31 @@ async fn http1_bodies_cross_as_framed_and_upstream_connections_are_reused() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A 1xx reaches the client as it arrives, ahead of the final response
+    // the app still holds.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+        tcp.write_all(b"GET /early HTTP/1.1\r\nHost: raw\r\n\r\n")
+            .await
+            .unwrap();
+        let hints = "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n";
+        let mut got = vec![0u8; hints.len()];
+        tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut got))
+            .await
+            .expect("the 103 was held back until the final response")
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), hints);
+        release.notify_one();
+        let last = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly";
+        let mut got = vec![0u8; last.len()];
+        tcp.read_exact(&mut got).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&got), last);
+    }
     let metrics = proxy.metrics().await;
     assert_eq!(
         metric_sum(&metrics, "skiff_proxy_requests_total"),
-        4.0 + 1.0 + 3.0 + 4.0,
+        4.0 + 1.0 + 3.0 + 4.0 + 1.0,
         "{metrics}"
     );
     proxy.stop().await;
