@@ -29,10 +29,50 @@ pub struct State {
     /// Namespace labels (namespace selectors match them).
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pub instances: BTreeMap<String, Value>,
+    /// The same instances as discovery reads them, by `ns/name`.
+    pub members: BTreeMap<String, Member>,
     /// Routes by `ns/name`.
     pub routes: BTreeMap<String, Value>,
     /// The control plane revision each followed kind is known up to.
     pub revisions: BTreeMap<&'static str, u64>,
+}
+
+/// What discovery reads of an instance, taken from its object once when
+/// it changes: walking tens of thousands of stored objects on every table
+/// cost most of the table's time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub namespace: String,
+    pub service: String,
+    pub labels: skiff_api::meta::Labels,
+    /// Its address on the pod network, once it has one.
+    pub address: Option<std::net::Ipv4Addr>,
+    pub ready: bool,
+}
+
+impl Member {
+    pub fn of(v: &Value) -> Member {
+        Member {
+            namespace: cluster::text(v, "/metadata/namespace").to_string(),
+            service: cluster::text(v, "/spec/service").to_string(),
+            labels: skiff_api::meta::labels_in(v),
+            address: cluster::text(v, "/status/address").parse().ok(),
+            ready: v.pointer("/status/ready").and_then(Value::as_bool) == Some(true),
+        }
+    }
+}
+
+impl State {
+    pub fn put_instance(&mut self, v: Value) {
+        let id = crate::id_of(&v);
+        self.members.insert(id.clone(), Member::of(&v));
+        self.instances.insert(id, v);
+    }
+
+    pub fn remove_instance(&mut self, id: &str) {
+        self.members.remove(id);
+        self.instances.remove(id);
+    }
 }
 
 /// The last known object of each local instance, so that one deleted from
@@ -127,7 +167,10 @@ fn clear(s: &mut State, plural: &str) {
             s.virtual_addresses.clear();
             s.opaque_ports.clear();
         }
-        "instances" => s.instances.clear(),
+        "instances" => {
+            s.instances.clear();
+            s.members.clear();
+        }
         "routes" => s.routes.clear(),
         kind => s
             .policies
@@ -142,9 +185,7 @@ fn put(s: &mut State, plural: &str, v: &Value) {
             s.namespaces
                 .insert(crate::name_of(v), skiff_api::meta::labels_in(v));
         }
-        "instances" => {
-            s.instances.insert(id, v.clone());
-        }
+        "instances" => s.put_instance(v.clone()),
         "services" => {
             s.services.insert(id.clone(), cluster::service_ports(v));
             let opaque: Vec<u16> = v
@@ -179,9 +220,7 @@ fn remove(s: &mut State, plural: &str, v: &Value) {
         "namespaces" => {
             s.namespaces.remove(&crate::name_of(v));
         }
-        "instances" => {
-            s.instances.remove(&id);
-        }
+        "instances" => s.remove_instance(&id),
         "services" => {
             s.services.remove(&id);
             s.virtual_addresses.remove(&id);

@@ -20,6 +20,8 @@ pub enum BenchCommand {
     PolicyPropagation(crate::bench_policy::PropagationArgs),
     /// Latency a proxy hop adds and requests per proxy core: Skiff, the Skiff mTLS pair, haproxy, nginx (loopback).
     Proxy(crate::bench_proxy::ProxyArgs),
+    /// What a node pays to make its mesh discovery table after each change, for a large cluster.
+    Discovery(crate::bench_discovery::DiscoveryArgs),
     /// Control-plane cost of many hollow nodes and instances.
     Cluster(crate::bench_cluster::ClusterArgs),
     /// Placements per second and packing quality of the scheduler.
@@ -54,6 +56,7 @@ pub fn run(cmd: &BenchCommand) -> anyhow::Result<u8> {
         BenchCommand::Policy(a) => crate::bench_datapath::run(a),
         BenchCommand::Cluster(a) => crate::bench_cluster::cluster(a),
         BenchCommand::Proxy(a) => crate::bench_proxy::run(a),
+        BenchCommand::Discovery(a) => crate::bench_discovery::run(a),
     }
 }
 

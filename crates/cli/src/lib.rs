@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bench_cluster;
 pub mod bench_datapath;
+pub mod bench_discovery;
 mod bench_etcd;
 pub mod bench_policy;
 pub mod bench_proxy;

@@ -16,11 +16,11 @@
 //! - `inbound`: per local instance, the L7 rules of the policies that
 //!   select it and the sources policy lets in without mTLS.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 use skiff_api::meta::{Labels, NAMESPACE_NAME_LABEL};
@@ -68,6 +68,9 @@ struct Published {
     table: Value,
     recent: VecDeque<Update>,
 }
+
+/// How long a burst of changes is let settle before a table is made.
+const SETTLE: Duration = Duration::from_millis(20);
 
 /// Updates kept for subscribers that reconnect.
 const KEPT_UPDATES: usize = 256;
@@ -212,21 +215,42 @@ impl Discovery {
         changes.mark_changed();
         let mut version = 0u64;
         let mut known = LocalInstances::default();
+        // What making the last table cost.
+        let mut cost = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = changes.changed() => {}
                 _ = self.wake.notified() => {}
             }
-            // Let a burst (a rollout, a relist) settle into one write.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Let a burst (a rollout, a relist) settle into one write;
+            // and where a table is costly to make (a large cluster), wait
+            // long enough that making them takes at most a fifth of a core
+            // however fast the cluster changes.
+            tokio::time::sleep(SETTLE.max(cost * 4)).await;
             version += 1;
             let (generation, local) = lock(&self.local).clone();
-            let table = {
-                let s = cache.state();
-                known.update(&s, local.keys());
-                render(&s, &known, &self.trust_domain, &local, version)
-            };
-            self.publish(table);
+            // On a blocking thread: at tens of thousands of instances a
+            // table takes a good part of a second to make.
+            let (me, cache) = (self.clone(), cache.clone());
+            let made = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let table = {
+                    let s = cache.state();
+                    known.update(&s, local.keys());
+                    render(&s, &known, &me.trust_domain, &local, version)
+                };
+                me.publish(table);
+                (known, started.elapsed())
+            })
+            .await;
+            match made {
+                Ok((k, c)) => (known, cost) = (k, c),
+                Err(e) => {
+                    tracing::error!(error = %e, "Making the discovery table failed");
+                    known = LocalInstances::default();
+                    continue;
+                }
+            }
             self.written.send_replace(generation);
         }
     }
@@ -331,29 +355,32 @@ pub fn render(
     version: u64,
 ) -> Value {
     let mut peers = Map::new();
-    let mut ready: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for v in s.instances.values() {
-        let Some(address) = v
-            .pointer("/status/address")
-            .and_then(Value::as_str)
-            .filter(|a| a.parse::<Ipv4Addr>().is_ok())
-        else {
+    // By (namespace, service): the identity, and the ready addresses.
+    let mut identities: HashMap<(&str, &str), Option<String>> = HashMap::new();
+    let mut ready: HashMap<(&str, &str), Vec<String>> = HashMap::new();
+    for m in s.members.values() {
+        let Some(address) = m.address else {
             continue;
         };
-        let (ns, service) = (text(v, "/metadata/namespace"), text(v, "/spec/service"));
-        if let Ok(id) = SpiffeId::new(trust_domain, ns, service) {
-            peers.insert(address.to_string(), Value::String(id.to_string()));
+        let service = (m.namespace.as_str(), m.service.as_str());
+        let id = identities.entry(service).or_insert_with(|| {
+            SpiffeId::new(trust_domain, service.0, service.1)
+                .ok()
+                .map(|id| id.to_string())
+        });
+        if let Some(id) = id {
+            peers.insert(address.to_string(), Value::String(id.clone()));
         }
-        if v.pointer("/status/ready").and_then(Value::as_bool) == Some(true) {
-            ready
-                .entry(format!("{ns}/{service}"))
-                .or_default()
-                .push(address.to_string());
+        if m.ready {
+            ready.entry(service).or_default().push(address.to_string());
         }
     }
     let mut services = Map::new();
     for (name, vip) in &s.virtual_addresses {
-        let endpoints = ready.get(name).cloned().unwrap_or_default();
+        let endpoints = name
+            .split_once('/')
+            .and_then(|service| ready.remove(&service))
+            .unwrap_or_default();
         let mut entry = json!({"name": name, "endpoints": endpoints});
         if let Some(opaque) = s.opaque_ports.get(name).filter(|p| !p.is_empty()) {
             entry["opaquePorts"] = json!(opaque);
@@ -453,20 +480,22 @@ fn routes(s: &State) -> Map<String, Value> {
 
 /// Who can be a peer: each distinct (namespace, labels) group of instances
 /// with its identity, and every namespace's labels.
-struct Workloads {
+struct Workloads<'s> {
     trust_domain: String,
-    groups: BTreeSet<(String, Labels, String)>,
+    /// Distinct (namespace, labels, service) of the instances.
+    groups: BTreeSet<(&'s str, &'s Labels, &'s str)>,
     namespaces: BTreeMap<String, Labels>,
 }
 
-impl Workloads {
-    fn of(s: &State, trust_domain: &str) -> Workloads {
+impl<'s> Workloads<'s> {
+    fn of(s: &'s State, trust_domain: &str) -> Workloads<'s> {
         let mut groups = BTreeSet::new();
         let mut namespaces: BTreeMap<String, Labels> = s.namespaces.clone();
-        for v in s.instances.values() {
-            let ns = text(v, "/metadata/namespace").to_string();
-            namespaces.entry(ns.clone()).or_default();
-            groups.insert((ns, meta::labels_in(v), text(v, "/spec/service").to_string()));
+        for m in s.members.values() {
+            if !namespaces.contains_key(&m.namespace) {
+                namespaces.insert(m.namespace.clone(), Labels::new());
+            }
+            groups.insert((m.namespace.as_str(), &m.labels, m.service.as_str()));
         }
         for (name, labels) in &mut namespaces {
             labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
@@ -915,7 +944,7 @@ mod tests {
             instance("shop", "v2-1", "web-v2", "web", "198.19.17.4", true),
             instance("ops", "admin-1", "admin", "admin", "198.19.18.2", true),
         ] {
-            s.instances.insert(crate::id_of(&v), v);
+            s.put_instance(v);
         }
         s.services.insert(
             "shop/db".into(),
@@ -1025,7 +1054,7 @@ mod tests {
         // Deleted while it drains here: no longer an endpoint, still
         // under its policy until the agent lets it go.
         let mut gone = shop();
-        gone.instances.remove("shop/db-1");
+        gone.remove_instance("shop/db-1");
         known.update(&gone, local.keys());
         let draining = render(&gone, &known, "td", &local, 8);
         assert_eq!(draining["services"]["198.18.128.1"]["endpoints"], json!([]));
