@@ -5,8 +5,10 @@
 //! Latency comes from an open-loop generator: requests are due at fixed
 //! times whatever the answers do, and a request delayed by the one before
 //! it on its connection is timed from when it was due (no coordinated
-//! omission). Throughput per core is wrk's closed-loop maximum divided by
-//! the CPU time the proxy's processes used meanwhile.
+//! omission). All paths run at once and take turns in one-second slices
+//! (see [`SLICE`] and [`SLICES_RUN_PER_KEPT`]). Throughput per core is
+//! wrk's closed-loop maximum divided by the CPU time the proxy's processes
+//! used meanwhile.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -70,6 +72,15 @@ pub fn run(args: &ProxyArgs) -> anyhow::Result<u8> {
             "`{tool}` is needed as a peer or load tool: apt-get install haproxy nginx wrk"
         );
     }
+    let all: [(&str, Start); 4] = [
+        ("skiff", skiff_one),
+        ("skiff_mtls_pair", skiff_pair),
+        ("haproxy", haproxy),
+        ("nginx", nginx),
+    ];
+    if let Some(unknown) = args.only.iter().find(|o| !all.iter().any(|(n, _)| n == o)) {
+        anyhow::bail!("--only {unknown}: expected skiff, skiff_mtls_pair, haproxy or nginx");
+    }
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
     let backend_addr = free_port()?;
@@ -86,42 +97,27 @@ pub fn run(args: &ProxyArgs) -> anyhow::Result<u8> {
         .spawn()?;
     let result = (|| {
         wait_http(backend_addr)?;
-        let mut paths = serde_json::Map::new();
-        let direct = measure(
-            args,
-            Target {
-                name: "direct",
-                url_addr: backend_addr,
-                children: Vec::new(),
-            },
-        )?;
-        let base = direct.clone();
-        paths.insert("direct".into(), direct);
-        let all: [(&str, Start); 4] = [
-            ("skiff", skiff_one),
-            ("skiff_mtls_pair", skiff_pair),
-            ("haproxy", haproxy),
-            ("nginx", nginx),
-        ];
-        if let Some(unknown) = args.only.iter().find(|o| !all.iter().any(|(n, _)| n == o)) {
-            anyhow::bail!("--only {unknown}: expected skiff, skiff_mtls_pair, haproxy or nginx");
-        }
+        let mut targets = vec![Target {
+            name: "direct",
+            url_addr: backend_addr,
+            children: Vec::new(),
+        }];
         for (name, start) in all {
-            if !args.only.is_empty() && !args.only.iter().any(|o| o == name) {
-                continue;
+            if args.only.is_empty() || args.only.iter().any(|o| o == name) {
+                targets.push(start(&exe, dir.path(), backend_addr)?);
             }
-            let path = start(&exe, dir.path(), backend_addr)?;
-            let name = path.name;
-            let mut figures = measure(args, path).map_err(|e| {
-                let log = std::fs::read_to_string(dir.path().join(format!("{name}.log")))
-                    .unwrap_or_default();
-                anyhow::anyhow!("{name}: {e}\n{log}")
-            })?;
-            add_overhead(&mut figures, &base, &args.rates);
-            eprintln!("{name}: {figures}");
-            paths.insert(name.into(), figures);
         }
-        Ok::<_, anyhow::Error>(paths)
+        measure(args, &targets).map_err(|e| {
+            // The failing path's log, when it has one.
+            let log = targets
+                .iter()
+                .find(|t| e.to_string().starts_with(&format!("{}:", t.name)))
+                .and_then(|t| {
+                    std::fs::read_to_string(dir.path().join(format!("{}.log", t.name))).ok()
+                })
+                .unwrap_or_default();
+            anyhow::anyhow!("{e}\n{log}")
+        })
     })();
     let _ = backend.kill();
     let _ = backend.wait();
@@ -130,72 +126,144 @@ pub fn run(args: &ProxyArgs) -> anyhow::Result<u8> {
         "bench": "proxy",
         "backend": "skiff demo-app (one thread)",
         "seconds": args.seconds,
+        "slice_seconds": SLICE.as_secs_f64(),
+        "slices_run_per_kept": SLICES_RUN_PER_KEPT,
         "paths": paths,
     });
     println!("{out}");
     Ok(0)
 }
 
-/// Open-loop latency at each rate, then wrk's maximum and the CPU it cost.
-fn measure(args: &ProxyArgs, path: Target) -> anyhow::Result<Value> {
-    wait_http(path.url_addr)?;
-    let pids: Vec<u32> = path.children.iter().flat_map(|c| tree(c.id())).collect();
-    let idle_rss = rss_kb(&pids, "VmRSS");
-    let mut figures = serde_json::Map::new();
+/// The load at each rate is given in slices of this length, taking the
+/// paths in turn, so that whatever else the machine does meanwhile falls
+/// on every path alike rather than on whichever ran at that moment.
+const SLICE: Duration = Duration::from_secs(1);
+
+/// Slices run per slice kept. On a virtual machine the host may take the
+/// CPU away (steal time, in /proc/stat) for tens of milliseconds at a
+/// time; a request caught by that waits whatever the proxy does. Each path
+/// runs twice the slices asked for, and the half in which the host stole
+/// least is kept. The steal of the kept slices is reported.
+const SLICES_RUN_PER_KEPT: usize = 2;
+
+/// Open-loop latency of every path at each rate (interleaved, see
+/// [`SLICE`]), then each path's wrk maximum and the CPU it cost.
+fn measure(args: &ProxyArgs, targets: &[Target]) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let mut pids = Vec::new();
+    let mut figures = Vec::new();
+    for t in targets {
+        wait_http(t.url_addr).map_err(|e| anyhow::anyhow!("{}: {e}", t.name))?;
+        let p: Vec<u32> = t.children.iter().flat_map(|c| tree(c.id())).collect();
+        let mut f = serde_json::Map::new();
+        if !p.is_empty() {
+            f.insert("idle_rss_mb".into(), json!(mb(rss_kb(&p, "VmRSS"))));
+        }
+        pids.push(p);
+        figures.push(f);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
     for &rate in &args.rates {
-        // One second of warm-up at the rate, not counted.
-        runtime.block_on(open_loop(path.url_addr, rate, Duration::from_secs(1)))?;
-        let load = runtime.block_on(open_loop(
-            path.url_addr,
-            rate,
-            Duration::from_secs(args.seconds),
-        ))?;
-        let k = if rate % 1000 == 0 {
-            format!("{}k", rate / 1000)
-        } else {
-            rate.to_string()
-        };
-        figures.insert(format!("p50_ms_{k}"), json!(round3(load.percentile(0.50))));
-        figures.insert(format!("p99_ms_{k}"), json!(round3(load.percentile(0.99))));
-        figures.insert(format!("achieved_rps_{k}"), json!(round3(load.achieved)));
-        figures.insert(format!("errors_{k}"), json!(load.errors));
-        if !pids.is_empty() {
-            figures.insert(format!("rss_mb_{k}"), json!(mb(rss_kb(&pids, "VmRSS"))));
+        let mut conns: Vec<Connections> = targets.iter().map(|_| Connections::new(rate)).collect();
+        let mut loads: Vec<Load> = targets.iter().map(|_| Load::default()).collect();
+        // One second of warm-up per path, not counted.
+        for (t, c) in targets.iter().zip(&mut conns) {
+            runtime
+                .block_on(open_loop(t.url_addr, rate, Duration::from_secs(1), c))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", t.name))?;
+        }
+        let kept =
+            (Duration::from_secs(args.seconds).as_secs_f64() / SLICE.as_secs_f64()).ceil() as usize;
+        let mut slices: Vec<Vec<(u64, Load)>> = targets.iter().map(|_| Vec::new()).collect();
+        for round in 0..kept * SLICES_RUN_PER_KEPT {
+            // A different order each round: no path always follows another.
+            for k in 0..targets.len() {
+                let i = (k + round) % targets.len();
+                let stolen = steal_ticks();
+                let slice = runtime
+                    .block_on(open_loop(targets[i].url_addr, rate, SLICE, &mut conns[i]))
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", targets[i].name))?;
+                slices[i].push((steal_ticks().saturating_sub(stolen), slice));
+            }
+        }
+        let mut stolen_ms = Vec::new();
+        for (load, mut run) in loads.iter_mut().zip(slices) {
+            // The least stolen first; among equals, the earlier.
+            run.sort_by_key(|(steal, _)| *steal);
+            let mut ms = 0;
+            for (steal, slice) in run.into_iter().take(kept) {
+                ms += steal * 10;
+                load.add(slice);
+            }
+            stolen_ms.push(ms);
+        }
+        let k = rate_key(rate);
+        for (((f, load), p), stolen) in figures.iter_mut().zip(&mut loads).zip(&pids).zip(stolen_ms)
+        {
+            load.latencies.sort_by(f64::total_cmp);
+            f.insert(format!("p50_ms_{k}"), json!(round3(load.percentile(0.50))));
+            f.insert(format!("p90_ms_{k}"), json!(round3(load.percentile(0.90))));
+            f.insert(format!("p99_ms_{k}"), json!(round3(load.percentile(0.99))));
+            f.insert(
+                format!("p999_ms_{k}"),
+                json!(round3(load.percentile(0.999))),
+            );
+            f.insert(format!("achieved_rps_{k}"), json!(round3(load.achieved())));
+            f.insert(format!("errors_{k}"), json!(load.errors));
+            f.insert(format!("steal_ms_{k}"), json!(stolen));
+            if !p.is_empty() {
+                f.insert(format!("rss_mb_{k}"), json!(mb(rss_kb(p, "VmRSS"))));
+            }
         }
     }
-    let cpu_before = cpu_seconds(&pids);
-    let started = Instant::now();
-    let rps = wrk(path.url_addr, args.max_seconds)?;
-    let wall = started.elapsed().as_secs_f64();
-    let cores = (cpu_seconds(&pids) - cpu_before) / wall;
-    figures.insert("max_rps".into(), json!(round3(rps)));
-    if pids.is_empty() {
-        figures.insert("max_rps_per_core".into(), Value::Null);
-        figures.insert("peak_rss_mb".into(), Value::Null);
-    } else {
-        figures.insert("proxy_cores_used".into(), json!(round3(cores)));
-        figures.insert(
-            "max_rps_per_core".into(),
-            json!(round3(rps / cores.max(1e-3))),
-        );
-        figures.insert("idle_rss_mb".into(), json!(mb(idle_rss)));
-        figures.insert("peak_rss_mb".into(), json!(mb(rss_kb(&pids, "VmHWM"))));
+    for ((t, f), p) in targets.iter().zip(&mut figures).zip(&pids) {
+        let cpu_before = cpu_seconds(p);
+        let started = Instant::now();
+        let rps =
+            wrk(t.url_addr, args.max_seconds).map_err(|e| anyhow::anyhow!("{}: {e}", t.name))?;
+        let wall = started.elapsed().as_secs_f64();
+        let cores = (cpu_seconds(p) - cpu_before) / wall;
+        f.insert("max_rps".into(), json!(round3(rps)));
+        if p.is_empty() {
+            f.insert("max_rps_per_core".into(), Value::Null);
+            f.insert("peak_rss_mb".into(), Value::Null);
+        } else {
+            f.insert("proxy_cores_used".into(), json!(round3(cores)));
+            f.insert(
+                "max_rps_per_core".into(),
+                json!(round3(rps / cores.max(1e-3))),
+            );
+            f.insert("peak_rss_mb".into(), json!(mb(rss_kb(p, "VmHWM"))));
+        }
     }
-    drop(path);
-    Ok(Value::Object(figures))
+    let base = Value::Object(figures[0].clone());
+    let mut paths = serde_json::Map::new();
+    for (t, f) in targets.iter().zip(figures) {
+        let mut f = Value::Object(f);
+        if t.name != "direct" {
+            add_overhead(&mut f, &base, &args.rates);
+            eprintln!("{}: {f}", t.name);
+        }
+        paths.insert(t.name.into(), f);
+    }
+    Ok(paths)
 }
 
+/// How a rate is named in the figures' keys: 1000 is `1k`.
+fn rate_key(rate: u32) -> String {
+    if rate.is_multiple_of(1000) {
+        format!("{}k", rate / 1000)
+    } else {
+        rate.to_string()
+    }
+}
+
+/// `added_*`: each latency figure less the direct path's.
 fn add_overhead(figures: &mut Value, base: &Value, rates: &[u32]) {
     for &rate in rates {
-        let k = if rate % 1000 == 0 {
-            format!("{}k", rate / 1000)
-        } else {
-            rate.to_string()
-        };
+        let k = rate_key(rate);
         for q in ["p50", "p99"] {
             let key = format!("{q}_ms_{k}");
             if let (Some(a), Some(b)) = (figures[&key].as_f64(), base[&key].as_f64()) {
@@ -205,14 +273,27 @@ fn add_overhead(figures: &mut Value, base: &Value, rates: &[u32]) {
     }
 }
 
+#[derive(Default)]
 struct Load {
-    /// Latencies in milliseconds, sorted.
+    /// Latencies in milliseconds.
     latencies: Vec<f64>,
     errors: u64,
-    achieved: f64,
+    /// Seconds the load ran.
+    seconds: f64,
 }
 
 impl Load {
+    fn add(&mut self, other: Load) {
+        self.latencies.extend(other.latencies);
+        self.errors += other.errors;
+        self.seconds += other.seconds;
+    }
+
+    fn achieved(&self) -> f64 {
+        self.latencies.len() as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Of `latencies` once sorted.
     fn percentile(&self, q: f64) -> f64 {
         if self.latencies.is_empty() {
             return f64::NAN;
@@ -223,20 +304,34 @@ impl Load {
     }
 }
 
+/// A path's keep-alive connections for one rate, kept from slice to
+/// slice so that no slice's first requests pay for connecting.
+struct Connections(Vec<Option<Sender>>);
+
+impl Connections {
+    /// Enough connections that each has several ms between requests.
+    fn new(rate: u32) -> Connections {
+        Connections((0..(rate / 200).clamp(4, 64)).map(|_| None).collect())
+    }
+}
+
 /// `rate` requests per second for `duration`, each due at a fixed time,
-/// spread over keep-alive connections that each carry every n-th request.
-async fn open_loop(addr: SocketAddr, rate: u32, duration: Duration) -> anyhow::Result<Load> {
-    // Enough connections that each has several ms between requests.
-    let connections = (rate / 200).clamp(4, 64) as usize;
+/// spread over `conns`, each carrying every n-th request.
+async fn open_loop(
+    addr: SocketAddr,
+    rate: u32,
+    duration: Duration,
+    conns: &mut Connections,
+) -> anyhow::Result<Load> {
+    let connections = conns.0.len();
     let interval = Duration::from_secs_f64(connections as f64 / f64::from(rate));
     let start = tokio::time::Instant::now() + Duration::from_millis(50);
     let end = start + duration;
     let mut workers = Vec::new();
-    for w in 0..connections {
+    for (w, mut sender) in conns.0.iter_mut().map(Option::take).enumerate() {
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0u64;
-            let mut sender = None;
             let mut due = start + interval.mul_f64(w as f64 / connections as f64);
             let mut previous_done = start;
             while due < end {
@@ -265,23 +360,18 @@ async fn open_loop(addr: SocketAddr, rate: u32, duration: Duration) -> anyhow::R
                 previous_done = done;
                 due += interval;
             }
-            (latencies, errors)
+            (latencies, errors, sender)
         }));
     }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for w in workers {
-        let (l, e) = w.await?;
-        all.extend(l);
-        errors += e;
+    let mut load = Load::default();
+    for (w, slot) in workers.into_iter().zip(&mut conns.0) {
+        let (latencies, errors, sender) = w.await?;
+        load.latencies.extend(latencies);
+        load.errors += errors;
+        *slot = sender;
     }
-    let elapsed = (tokio::time::Instant::now() - start).as_secs_f64();
-    all.sort_by(f64::total_cmp);
-    Ok(Load {
-        achieved: all.len() as f64 / elapsed,
-        latencies: all,
-        errors,
-    })
+    load.seconds = (tokio::time::Instant::now() - start).as_secs_f64();
+    Ok(load)
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
@@ -502,6 +592,17 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 
 fn ppid(pid: u32) -> Option<u32> {
     stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// Clock ticks (10 ms) the host has stolen from this machine's CPUs.
+fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            // cpu user nice system idle iowait irq softirq steal ...
+            s.lines().next()?.split_whitespace().nth(8)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 /// User plus system CPU seconds of `pids`.

@@ -483,12 +483,50 @@ fn bench_proxy_prints_every_path_side_by_side() {
     for path in ["direct", "skiff", "skiff_mtls_pair", "haproxy", "nginx"] {
         let p = &v["paths"][path];
         assert_eq!(p["errors_200"], 0, "{path}: {p}");
-        assert!(p["p99_ms_200"].as_f64().unwrap() > 0.0, "{path}: {p}");
+        let q = |k: &str| p[k].as_f64().unwrap_or_else(|| panic!("{path}: no {k}: {p}"));
+        assert!(q("p50_ms_200") > 0.0, "{path}: {p}");
+        assert!(
+            q("p50_ms_200") <= q("p90_ms_200")
+                && q("p90_ms_200") <= q("p99_ms_200")
+                && q("p99_ms_200") <= q("p999_ms_200"),
+            "{path}: {p}"
+        );
+        // Every path took its turns: the kept second at 200/s.
+        assert!(q("achieved_rps_200") > 100.0, "{path}: {p}");
+        assert!(q("steal_ms_200") >= 0.0, "{path}: {p}");
         assert!(p["max_rps"].as_f64().unwrap() > 0.0, "{path}: {p}");
         if path != "direct" {
             assert!(p["peak_rss_mb"].as_f64().unwrap() > 1.0, "{path}: {p}");
         }
     }
+}
+
+#[test]
+fn bench_discovery_makes_tables_and_sends_only_changes() {
+    let out = skiff(&[
+        "bench",
+        "discovery",
+        "--instances",
+        "2000",
+        "--services",
+        "100",
+        "--local",
+        "5",
+        "--rounds",
+        "3",
+        "--json",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["bench"], "discovery");
+    assert!(v["table_ms_p50"].as_f64().unwrap() > 0.0, "{v}");
+    // Every instance has a peer entry in the snapshot; an update carries
+    // the one that changed.
+    let snapshot = v["snapshot_bytes"].as_u64().unwrap();
+    let update = v["largest_update_bytes"].as_u64().unwrap();
+    assert!(snapshot > 2000 * 30, "{v}");
+    assert!(update > 0 && update * 100 < snapshot, "{v}");
 }
 
 #[test]
