@@ -368,6 +368,7 @@ pub async fn run(
     // A first pass even if the lists arrived before this subscription.
     cluster_changed.mark_changed();
     let mut ids = Identities::default();
+    let mut pace = crate::cache::Pace::default();
     // What the pinned maps hold now (from an earlier run, perhaps): the
     // first pass removes what no longer belongs.
     let mut current = {
@@ -388,8 +389,8 @@ pub async fn run(
             _ = enforcer.changed.notified() => {}
             _ = cluster_changed.changed() => {}
         }
-        // Let a burst of changes settle into one pass.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        pace.wait().await;
+        let started = std::time::Instant::now();
         let local = lock(&enforcer.local).clone();
         let next = {
             let s = cache.state();
@@ -438,6 +439,7 @@ pub async fn run(
                 tracing::error!(error = %e, "This node cannot hold the policy set; the previous one stays enforced")
             }
         }
+        pace.done(started);
     }
 }
 

@@ -483,7 +483,10 @@ fn bench_proxy_prints_every_path_side_by_side() {
     for path in ["direct", "skiff", "skiff_mtls_pair", "haproxy", "nginx"] {
         let p = &v["paths"][path];
         assert_eq!(p["errors_200"], 0, "{path}: {p}");
-        let q = |k: &str| p[k].as_f64().unwrap_or_else(|| panic!("{path}: no {k}: {p}"));
+        let q = |k: &str| {
+            p[k].as_f64()
+                .unwrap_or_else(|| panic!("{path}: no {k}: {p}"))
+        };
         assert!(q("p50_ms_200") > 0.0, "{path}: {p}");
         assert!(
             q("p50_ms_200") <= q("p90_ms_200")

@@ -36,7 +36,7 @@ use skiff_netpol::model::{Namespaces, Peer};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, broadcast, watch};
 
-use crate::cache::{Cache, LocalInstances, State};
+use crate::cache::{Cache, LocalInstances, Pace, State};
 use crate::lock;
 use skiff_proxy::transparent::SECTIONS;
 
@@ -68,9 +68,6 @@ struct Published {
     table: Value,
     recent: VecDeque<Update>,
 }
-
-/// How long a burst of changes is let settle before a table is made.
-const SETTLE: Duration = Duration::from_millis(20);
 
 /// Updates kept for subscribers that reconnect.
 const KEPT_UPDATES: usize = 256;
@@ -215,18 +212,13 @@ impl Discovery {
         changes.mark_changed();
         let mut version = 0u64;
         let mut known = LocalInstances::default();
-        // What making the last table cost.
-        let mut cost = Duration::ZERO;
+        let mut pace = Pace::default();
         loop {
             tokio::select! {
                 _ = changes.changed() => {}
                 _ = self.wake.notified() => {}
             }
-            // Let a burst (a rollout, a relist) settle into one write;
-            // and where a table is costly to make (a large cluster), wait
-            // long enough that making them takes at most a fifth of a core
-            // however fast the cluster changes.
-            tokio::time::sleep(SETTLE.max(cost * 4)).await;
+            pace.wait().await;
             version += 1;
             let (generation, local) = lock(&self.local).clone();
             // On a blocking thread: at tens of thousands of instances a
@@ -240,11 +232,14 @@ impl Discovery {
                     render(&s, &known, &me.trust_domain, &local, version)
                 };
                 me.publish(table);
-                (known, started.elapsed())
+                (known, started)
             })
             .await;
             match made {
-                Ok((k, c)) => (known, cost) = (k, c),
+                Ok((k, started)) => {
+                    known = k;
+                    pace.done(started);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "Making the discovery table failed");
                     known = LocalInstances::default();
