@@ -413,22 +413,15 @@ pub async fn run(
                     [next.ipcache.len(), next.endpoints.len(), next.policy.len()];
                 *lock(&enforcer.names) = cache
                     .state()
-                    .instances
-                    .values()
-                    .filter_map(|v| {
-                        let text = |p: &str| {
-                            v.pointer(p)
-                                .and_then(Value::as_str)
-                                .unwrap_or_default()
-                                .to_string()
-                        };
-                        let address = text("/status/address").parse().ok()?;
+                    .members
+                    .iter()
+                    .filter_map(|(id, m)| {
                         Some((
-                            address,
+                            m.address?,
                             Named {
-                                namespace: text("/metadata/namespace"),
-                                instance: text("/metadata/name"),
-                                service: text("/spec/service"),
+                                namespace: m.namespace.clone(),
+                                instance: id.split_once('/')?.1.to_string(),
+                                service: m.service.clone(),
                             },
                         ))
                     })

@@ -46,6 +46,20 @@ struct Target {
     name: &'static str,
     url_addr: SocketAddr,
     children: Vec<Child>,
+    /// Where its processes write what goes wrong.
+    logs: Vec<std::path::PathBuf>,
+}
+
+impl Target {
+    /// `e`, naming this path, with what its processes logged.
+    fn failed(&self, e: anyhow::Error) -> anyhow::Error {
+        let logs: String = self
+            .logs
+            .iter()
+            .filter_map(|l| std::fs::read_to_string(l).ok())
+            .collect();
+        anyhow::anyhow!("{}: {e}\n{logs}", self.name)
+    }
 }
 
 impl Drop for Target {
@@ -101,23 +115,14 @@ pub fn run(args: &ProxyArgs) -> anyhow::Result<u8> {
             name: "direct",
             url_addr: backend_addr,
             children: Vec::new(),
+            logs: Vec::new(),
         }];
         for (name, start) in all {
             if args.only.is_empty() || args.only.iter().any(|o| o == name) {
                 targets.push(start(&exe, dir.path(), backend_addr)?);
             }
         }
-        measure(args, &targets).map_err(|e| {
-            // The failing path's log, when it has one.
-            let log = targets
-                .iter()
-                .find(|t| e.to_string().starts_with(&format!("{}:", t.name)))
-                .and_then(|t| {
-                    std::fs::read_to_string(dir.path().join(format!("{}.log", t.name))).ok()
-                })
-                .unwrap_or_default();
-            anyhow::anyhow!("{e}\n{log}")
-        })
+        measure(args, &targets)
     })();
     let _ = backend.kill();
     let _ = backend.wait();
@@ -152,7 +157,7 @@ fn measure(args: &ProxyArgs, targets: &[Target]) -> anyhow::Result<serde_json::M
     let mut pids = Vec::new();
     let mut figures = Vec::new();
     for t in targets {
-        wait_http(t.url_addr).map_err(|e| anyhow::anyhow!("{}: {e}", t.name))?;
+        wait_http(t.url_addr).map_err(|e| t.failed(e))?;
         let p: Vec<u32> = t.children.iter().flat_map(|c| tree(c.id())).collect();
         let mut f = serde_json::Map::new();
         if !p.is_empty() {
@@ -167,12 +172,11 @@ fn measure(args: &ProxyArgs, targets: &[Target]) -> anyhow::Result<serde_json::M
         .build()?;
     for &rate in &args.rates {
         let mut conns: Vec<Connections> = targets.iter().map(|_| Connections::new(rate)).collect();
-        let mut loads: Vec<Load> = targets.iter().map(|_| Load::default()).collect();
         // One second of warm-up per path, not counted.
         for (t, c) in targets.iter().zip(&mut conns) {
             runtime
                 .block_on(open_loop(t.url_addr, rate, Duration::from_secs(1), c))
-                .map_err(|e| anyhow::anyhow!("{}: {e}", t.name))?;
+                .map_err(|e| t.failed(e))?;
         }
         let kept =
             (Duration::from_secs(args.seconds).as_secs_f64() / SLICE.as_secs_f64()).ceil() as usize;
@@ -184,24 +188,13 @@ fn measure(args: &ProxyArgs, targets: &[Target]) -> anyhow::Result<serde_json::M
                 let stolen = steal_ticks();
                 let slice = runtime
                     .block_on(open_loop(targets[i].url_addr, rate, SLICE, &mut conns[i]))
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", targets[i].name))?;
+                    .map_err(|e| targets[i].failed(e))?;
                 slices[i].push((steal_ticks().saturating_sub(stolen), slice));
             }
         }
-        let mut stolen_ms = Vec::new();
-        for (load, mut run) in loads.iter_mut().zip(slices) {
-            // The least stolen first; among equals, the earlier.
-            run.sort_by_key(|(steal, _)| *steal);
-            let mut ms = 0;
-            for (steal, slice) in run.into_iter().take(kept) {
-                ms += steal * 10;
-                load.add(slice);
-            }
-            stolen_ms.push(ms);
-        }
         let k = rate_key(rate);
-        for (((f, load), p), stolen) in figures.iter_mut().zip(&mut loads).zip(&pids).zip(stolen_ms)
-        {
+        for ((f, run), p) in figures.iter_mut().zip(slices).zip(&pids) {
+            let (mut load, stolen) = least_stolen(run, kept);
             load.latencies.sort_by(f64::total_cmp);
             f.insert(format!("p50_ms_{k}"), json!(round3(load.percentile(0.50))));
             f.insert(format!("p90_ms_{k}"), json!(round3(load.percentile(0.90))));
@@ -221,8 +214,7 @@ fn measure(args: &ProxyArgs, targets: &[Target]) -> anyhow::Result<serde_json::M
     for ((t, f), p) in targets.iter().zip(&mut figures).zip(&pids) {
         let cpu_before = cpu_seconds(p);
         let started = Instant::now();
-        let rps =
-            wrk(t.url_addr, args.max_seconds).map_err(|e| anyhow::anyhow!("{}: {e}", t.name))?;
+        let rps = wrk(t.url_addr, args.max_seconds).map_err(|e| t.failed(e))?;
         let wall = started.elapsed().as_secs_f64();
         let cores = (cpu_seconds(p) - cpu_before) / wall;
         f.insert("max_rps".into(), json!(round3(rps)));
@@ -249,6 +241,19 @@ fn measure(args: &ProxyArgs, targets: &[Target]) -> anyhow::Result<serde_json::M
         paths.insert(t.name.into(), f);
     }
     Ok(paths)
+}
+
+/// The `kept` slices of a path's run in which the host stole least (among
+/// equals, the earlier), merged, and the milliseconds stolen in them.
+fn least_stolen(mut run: Vec<(u64, Load)>, kept: usize) -> (Load, u64) {
+    run.sort_by_key(|(steal, _)| *steal);
+    let mut load = Load::default();
+    let mut ticks = 0;
+    for (steal, slice) in run.into_iter().take(kept) {
+        ticks += steal;
+        load.add(slice);
+    }
+    (load, ticks * 10)
 }
 
 /// How a rate is named in the figures' keys: 1000 is `1k`.
@@ -412,6 +417,7 @@ fn skiff_one(exe: &Path, dir: &Path, backend: SocketAddr) -> anyhow::Result<Targ
         name: "skiff",
         url_addr: listen,
         children: vec![spawn_proxy(exe, &config, "skiff-one", dir)?],
+        logs: vec![dir.join("skiff-one.log")],
     })
 }
 
@@ -462,6 +468,7 @@ fn skiff_pair(exe: &Path, dir: &Path, backend: SocketAddr) -> anyhow::Result<Tar
         name: "skiff_mtls_pair",
         url_addr: listen,
         children: vec![server, client],
+        logs: vec![dir.join("skiff-server.log"), dir.join("skiff-client.log")],
     })
 }
 
@@ -495,6 +502,7 @@ fn haproxy(_exe: &Path, dir: &Path, backend: SocketAddr) -> anyhow::Result<Targe
         name: "haproxy",
         url_addr: listen,
         children: vec![child],
+        logs: vec![dir.join("haproxy.log")],
     })
 }
 
@@ -522,6 +530,7 @@ fn nginx(_exe: &Path, dir: &Path, backend: SocketAddr) -> anyhow::Result<Target>
         name: "nginx",
         url_addr: listen,
         children: vec![child],
+        logs: vec![dir.join("nginx.log"), prefix.join("logs/error.log")],
     })
 }
 
