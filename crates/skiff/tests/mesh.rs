@@ -101,21 +101,44 @@ fn apps_talk_plainly_and_only_tls_crosses_between_nodes() {
     // The app (curl, as root in web's namespace) talks plain HTTP to db's
     // address; the capture on the lan sees none of it.
     let capture = dir.path().join("lan.pcap");
+    // Immediate mode: without it libpcap hands packets over only when a
+    // ring block fills or its 1 s timer fires, and the packets still in
+    // the ring when tcpdump stops are lost.
     let mut tcpdump = Command::new("ip")
-        .args(["netns", "exec", &c.lan, "tcpdump", "-i", "br0", "-U", "-w"])
+        .args(["netns", "exec", &c.lan, "tcpdump", "-i", "br0"])
+        .args(["--immediate-mode", "-U", "-w"])
         .arg(&capture)
         .arg(format!("tcp and host {db_addr}"))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("tcpdump: {e}"));
-    std::thread::sleep(Duration::from_millis(500));
+    // tcpdump says "listening on" once its filter is in place.
+    let mut tcpdump_err = std::io::BufReader::new(tcpdump.stderr.take().expect("piped"));
+    let mut said = String::new();
+    while !said.contains("listening on") {
+        use std::io::BufRead;
+        let before = said.len();
+        tcpdump_err
+            .read_line(&mut said)
+            .unwrap_or_else(|e| panic!("tcpdump's stderr: {e}"));
+        assert!(
+            said.len() > before,
+            "tcpdump stopped before capturing: {said}"
+        );
+    }
     let marker = format!("marker-{suffix}");
     let body = curl_in(&web_ns, &format!("http://{db_addr}:8080/?{marker}"))
         .unwrap_or_else(|e| panic!("through the mesh: {e}\n{}", log_tail(&c, "n1")));
     assert!(body.contains(&format!("db-{suffix}")), "{body}");
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = tcpdump.kill();
+    // SIGINT, so that tcpdump writes out what it holds before it exits.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap_or_else(|e| panic!("stopping tcpdump: {e}"));
+    std::io::Read::read_to_string(&mut tcpdump_err, &mut said)
+        .unwrap_or_else(|e| panic!("tcpdump's stderr: {e}"));
     let _ = tcpdump.wait();
     let dump = Command::new("tcpdump")
         .args(["-r"])
@@ -125,7 +148,10 @@ fn apps_talk_plainly_and_only_tls_crosses_between_nodes() {
         .unwrap_or_else(|e| panic!("tcpdump -r: {e}"));
     let text = String::from_utf8_lossy(&dump.stdout);
     let packets = text.lines().filter(|l| l.contains(" > ")).count();
-    assert!(packets > 0, "the capture saw nothing: {text}");
+    assert!(
+        packets > 0,
+        "the capture saw nothing: {text}\ntcpdump said: {said}"
+    );
     assert!(
         !text.contains(&marker) && !text.contains("HTTP/1.1"),
         "plaintext on the wire:\n{text}"
