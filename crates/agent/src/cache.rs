@@ -36,6 +36,12 @@ pub struct State {
     pub routes: BTreeMap<String, Value>,
     /// The control plane revision each followed kind is known up to.
     pub revisions: BTreeMap<&'static str, u64>,
+    /// The `instances` revision at which an instance last left a node
+    /// (deleted, or assigned to another; a relist counts, as it may hide
+    /// either): a leaving instance waits until every node's proxies have
+    /// applied that revision, so only then are a node's acknowledgements
+    /// of instance changes wanted.
+    pub left: u64,
 }
 
 /// What discovery reads of an instance, taken from its object once when
@@ -157,6 +163,9 @@ impl Cache {
                 move |change, revision| {
                     {
                         let mut s = cache.state();
+                        if plural == "instances" && leaves(&s, &change) {
+                            s.left = revision;
+                        }
                         match change {
                             Change::Reset(items) => {
                                 clear(&mut s, plural);
@@ -183,6 +192,17 @@ impl Cache {
     /// Wakes (`changed()`) after every change from here on.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+}
+
+/// Whether `change` to the instances takes one off a node.
+fn leaves(s: &State, change: &Change<'_>) -> bool {
+    match change {
+        Change::Reset(_) | Change::Delete(_) => true,
+        Change::Put(v) => s.instances.get(&crate::id_of(v)).is_some_and(|old| {
+            let was = cluster::text(old, "/spec/node");
+            !was.is_empty() && was != cluster::text(v, "/spec/node")
+        }),
     }
 }
 
@@ -306,5 +326,32 @@ async fn list_and_watch(
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn instance(node: &str) -> Value {
+        json!({"metadata": {"namespace": "shop", "name": "web-1"}, "spec": {"node": node}})
+    }
+
+    #[test]
+    fn an_instance_leaves_a_node_when_deleted_or_assigned_elsewhere() {
+        let mut s = State::default();
+        let unplaced = instance("");
+        assert!(!leaves(&s, &Change::Put(&unplaced)), "a new instance");
+        s.put_instance(unplaced);
+        assert!(!leaves(&s, &Change::Put(&instance("n1"))), "placed");
+        s.put_instance(instance("n1"));
+        assert!(
+            !leaves(&s, &Change::Put(&instance("n1"))),
+            "its status changed"
+        );
+        assert!(leaves(&s, &Change::Put(&instance("n2"))), "moved");
+        assert!(leaves(&s, &Change::Delete(&instance("n1"))));
+        assert!(leaves(&s, &Change::Reset(&[])), "a relist may hide either");
     }
 }

@@ -155,6 +155,7 @@ pub async fn run(
             let enforcer = enforcer.clone();
             tokio::spawn(crate::runtime::discovery::collect(
                 mesh.discovery.clone(),
+                cache.clone(),
                 client.clone(),
                 cfg.name.clone(),
                 crate::runtime::mesh::ADMIN_PORT,

@@ -689,18 +689,23 @@ fn tcp_port_ranges(
 /// How often local proxies are asked what they applied and denied.
 const COLLECT_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a changed `status.mesh` that nobody waits for may go unwritten.
+const PUBLISH_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
+
 /// Asks every local proxy (`/peers`, `/denials`) each second: their
-/// acknowledgements go into the Node's `status.mesh` (when they change),
-/// their L7 denials to `report`. Runs until the task ends.
+/// acknowledgements go into the Node's `status.mesh` when someone may wait
+/// for them (see [`publish_due`]), their L7 denials to `report`. Runs until
+/// the task ends.
 pub async fn collect(
     discovery: Arc<Discovery>,
+    cache: Arc<Cache>,
     client: Client,
     node: String,
     admin_port: u16,
     report: impl Fn(Ipv4Addr, u16, &Value) + Send,
 ) {
     let mut after: BTreeMap<String, u64> = BTreeMap::new();
-    let mut published: Option<Value> = None;
+    let mut published: Option<(Value, Instant)> = None;
     loop {
         tokio::time::sleep(COLLECT_EVERY).await;
         let locals = discovery.locals();
@@ -747,16 +752,58 @@ pub async fn collect(
             }
         }
         let status = json!({"proxies": locals.len(), "answered": answered, "applied": applied});
-        if published.as_ref() == Some(&status) {
+        let wanted = {
+            let s = cache.state();
+            let mut wanted = s.revisions.clone();
+            wanted.insert("instances", s.left);
+            wanted
+        };
+        let last = published.as_ref().map(|(v, at)| (v, at.elapsed()));
+        if !publish_due(last, &status, &wanted) {
             continue;
         }
         match publish(&client, &node, &status).await {
-            Ok(()) => published = Some(status),
+            Ok(()) => published = Some((status, Instant::now())),
             Err(e) => {
                 tracing::debug!(error = %e, "Cannot publish the mesh acknowledgements; retrying")
             }
         }
     }
+}
+
+/// Whether this node's `status.mesh` is written now, given the last one
+/// written and how long ago (`last`). Writes cost the control plane, and
+/// every agent with a leaving instance follows every Node, so a change is
+/// written at once only when someone may be waiting for it:
+/// - its proxies, or those that answer, are more or fewer (a node counts
+///   only while some answer; this changes with the node's own instances,
+///   not with the whole cluster's);
+/// - its proxies applied a kind's revision past the one last written, and
+///   that one is older than `wanted`: for Routes and policies, any change
+///   (a rollout waits for them); for instances, the last departure (a
+///   leaving instance waits for it; new, ready or unready instances do
+///   not need acknowledging).
+///
+/// Any other change is written at most every [`PUBLISH_AT_LEAST_EVERY`],
+/// so `status.mesh` is never far behind for `skiff describe`.
+fn publish_due(
+    last: Option<(&Value, Duration)>,
+    status: &Value,
+    wanted: &BTreeMap<&str, u64>,
+) -> bool {
+    let Some((last, since)) = last else {
+        return true;
+    };
+    if last == status {
+        return false;
+    }
+    let counts = |v: &Value| (v["proxies"].as_u64(), v["answered"].as_u64());
+    let applied = |v: &Value, kind: &str| v["applied"][kind].as_u64().unwrap_or(0);
+    let behind = wanted.iter().any(|(kind, want)| {
+        let was = applied(last, kind);
+        was < *want && applied(status, kind) > was
+    });
+    counts(last) != counts(status) || behind || since >= PUBLISH_AT_LEAST_EVERY
 }
 
 /// The lowest `instances` revision that every node's sidecar proxies have
@@ -1218,5 +1265,36 @@ mod tests {
         let mut known = LocalInstances::default();
         known.update(&s, local.keys());
         assert_eq!(render(&s, &known, "td", &local, 1)["inbound"], json!({}));
+    }
+
+    #[test]
+    fn acknowledgements_are_written_when_someone_may_wait_for_them() {
+        let status = |proxies: u64, answered: u64, instances: u64, routes: u64| {
+            json!({"proxies": proxies, "answered": answered,
+                   "applied": {"instances": instances, "routes": routes}})
+        };
+        // Instances last left at 50; Routes last changed at 40.
+        let wanted: BTreeMap<&str, u64> = [("instances", 50), ("routes", 40)].into();
+        let soon = Duration::from_secs(2);
+        let due = |last: &Value, now: &Value, since| publish_due(Some((last, since)), now, &wanted);
+        let last = status(2, 2, 45, 40);
+        assert!(publish_due(None, &last, &wanted), "the first is written");
+        assert!(
+            !due(&last, &last, PUBLISH_AT_LEAST_EVERY * 2),
+            "nothing changed"
+        );
+        // Instances past the departure: a leaving instance waits for it.
+        assert!(due(&last, &status(2, 2, 51, 40), soon));
+        // Already written past the last departure: churn alone waits.
+        let past = status(2, 2, 55, 40);
+        assert!(!due(&past, &status(2, 2, 60, 40), soon));
+        assert!(due(&past, &status(2, 2, 60, 40), PUBLISH_AT_LEAST_EVERY));
+        // A Route change not yet acknowledged: a rollout waits for it.
+        let old_route = status(2, 2, 55, 30);
+        assert!(!due(&old_route, &status(2, 2, 56, 30), soon));
+        assert!(due(&old_route, &status(2, 2, 55, 40), soon));
+        // Proxies come, go, or stop answering.
+        assert!(due(&past, &status(3, 2, 55, 40), soon));
+        assert!(due(&past, &status(2, 0, 55, 40), soon));
     }
 }
