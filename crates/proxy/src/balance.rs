@@ -48,6 +48,10 @@ pub enum Outcome {
     Success,
     /// No connection, a reset, a timeout, or a 5xx.
     Failure,
+    /// The caller went away before the answer (a client that
+    /// disconnected, an HTTP/2 stream reset): says nothing of whether the
+    /// endpoint works, and of its latency only that it is at least this.
+    Abandoned,
 }
 
 /// Peak-EWMA P2C over a set of endpoints, indexed 0..n.
@@ -137,6 +141,11 @@ impl Balancer {
         decayed(e.cost_ns, e.last_update, now, self.config.decay) * f64::from(e.pending + 1)
     }
 
+    /// Requests started on `i` and not yet finished.
+    pub fn pending(&self, i: usize) -> u32 {
+        self.endpoints[i].pending
+    }
+
     /// A request was sent to `i`.
     pub fn start(&mut self, i: usize) {
         self.endpoints[i].pending += 1;
@@ -149,15 +158,19 @@ impl Balancer {
         e.pending = e.pending.saturating_sub(1);
         let rtt_ns = rtt.as_nanos() as f64;
         let current = decayed(e.cost_ns, e.last_update, now, config.decay);
-        // Peak: a slower observation is taken at once; faster ones fade in.
+        // Peak: a slower observation is taken at once; faster ones fade in
+        // (an abandoned request's time is only a lower bound).
         e.cost_ns = if rtt_ns > current {
             rtt_ns
+        } else if outcome == Outcome::Abandoned {
+            current
         } else {
             let w = weight(e.last_update, now, config.decay);
             current * w + rtt_ns * (1.0 - w)
         };
         e.last_update = Some(now);
         match outcome {
+            Outcome::Abandoned => {}
             Outcome::Success => {
                 e.consecutive_failures = 0;
                 if e.ejected_until.is_some_and(|t| t <= now) {
@@ -343,5 +356,25 @@ mod tests {
         }
         // With all tried, one of them is used again rather than failing.
         assert!(b.pick(t0, &[0, 1, 2], &mut random).is_some());
+    }
+
+    #[test]
+    fn an_abandoned_request_ends_its_pending_count_and_only_raises_the_estimate() {
+        let t0 = Instant::now();
+        let config = BalanceConfig::default();
+        let mut b = Balancer::new(config.clone(), 1);
+        serve(&mut b, 0, t0, ms(10), Outcome::Success);
+        let measured = b.cost(0, t0);
+        // Given up after 1 ms: the answer might have come at 10 ms.
+        serve(&mut b, 0, t0, ms(1), Outcome::Abandoned);
+        assert_eq!(b.cost(0, t0), measured, "pending back to 0, estimate kept");
+        // Given up after 100 ms: it takes at least that long.
+        serve(&mut b, 0, t0, ms(100), Outcome::Abandoned);
+        assert!(b.cost(0, t0) >= ms(100).as_nanos() as f64);
+        // Neither a failure nor a success: no ejection however many.
+        for _ in 0..config.eject_after * 3 {
+            serve(&mut b, 0, t0, ms(1), Outcome::Abandoned);
+        }
+        assert!(!b.is_ejected(0, t0));
     }
 }

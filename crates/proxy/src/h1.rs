@@ -148,8 +148,15 @@ where
                     retry,
                     timeout,
                 };
-                let (backend, status, keep) =
-                    forward(&forwarder, &service, &request, &mut io, &mut scratch, drain).await;
+                let (backend, status, keep) = forward(
+                    &forwarder,
+                    &service,
+                    &request,
+                    (&mut io, &mut buf),
+                    &mut scratch,
+                    drain,
+                )
+                .await;
                 Reply {
                     route,
                     service: service.label.clone(),
@@ -208,33 +215,38 @@ struct Reply {
     keep: bool,
 }
 
+/// The status recorded for a request whose client went away before the
+/// answer (nginx's "client closed request"); nothing is sent.
+const CLIENT_GONE: u16 = 499;
+
 /// Sends `request` to an endpoint of `service` (again on another after a
-/// failure, where that is safe) and relays the answer to `down`. Returns
-/// the answering endpoint, the status, and whether `down` can carry
-/// another request.
+/// failure, where that is safe) and relays the answer to the client
+/// (`down`; bytes it sends meanwhile go to `pending`). Returns the
+/// answering endpoint, the status, and whether `down` can carry another
+/// request.
 async fn forward<D>(
     forwarder: &Forwarder,
     service: &Service,
     request: &Request<'_>,
-    down: &mut D,
+    (down, pending): (&mut D, &mut BytesMut),
     scratch: &mut Scratch,
     drain: &watch::Receiver<bool>,
 ) -> (Label, u16, bool)
 where
-    D: AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin,
 {
     service.deposit();
     scratch.tried.clear();
     let resend_allowed = request.idempotent || request.retry.non_idempotent;
     loop {
-        let Some(i) = service.pick(&scratch.tried) else {
+        let Some(pick) = service.pick(&scratch.tried) else {
             let message = format!("service {} has no endpoints", service.name);
             let status = StatusCode::SERVICE_UNAVAILABLE;
             let keep = answer(down, &mut scratch.out, status, &message, request.close).await;
             return (Label::default(), status.as_u16(), keep);
         };
-        scratch.tried.push(i);
-        let endpoint = &service.endpoints[i];
+        scratch.tried.push(pick.index);
+        let endpoint = &service.endpoints[pick.index];
         scratch.out.clear();
         scratch.upstream.clear();
         let sent = Instant::now();
@@ -246,12 +258,23 @@ where
                 request,
                 close,
                 &mut scratch.upstream,
-                down,
+                (&mut *down, &mut *pending),
                 &mut scratch.out,
             ),
         )
         .await;
         let rtt = sent.elapsed();
+        if matches!(
+            result,
+            Ok(Err(Failed {
+                client_gone: true,
+                ..
+            }))
+        ) {
+            // Dropping the upstream connection tells the app; the pick
+            // ends abandoned, neither success nor failure.
+            return (Label::default(), CLIENT_GONE, false);
+        }
         // Whether sending again is safe: the request never reached the
         // endpoint, or it is idempotent (or the route opted in).
         let (outcome, resend_safe, reply) = match result {
@@ -259,7 +282,7 @@ where
                 let (outcome, safe) = judge(head.status, resend_allowed);
                 (outcome, safe, Ok((conn, head)))
             }
-            Ok(Err(Failed { sent, message })) => (
+            Ok(Err(Failed { sent, message, .. })) => (
                 Outcome::Failure,
                 !sent || resend_allowed,
                 Err((StatusCode::BAD_GATEWAY, message)),
@@ -273,7 +296,7 @@ where
                 )),
             ),
         };
-        forwarder.settle(service, i, rtt, outcome);
+        forwarder.settle(pick, rtt, outcome);
         if forwarder.try_again(
             service,
             outcome,
@@ -331,10 +354,28 @@ async fn answer<D: AsyncWrite + Unpin>(
     send(down, out).await.is_ok() && !close
 }
 
+/// How long the app may take to answer before the client is watched for
+/// going away. Most answers come sooner, and they then cost no read of the
+/// client beyond the request (that read, usually finding nothing, would be
+/// one more system call per request).
+const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(20);
+
+/// Whether [`exchange`] watches the client.
+#[derive(Clone, Copy)]
+enum Watch {
+    /// Not yet: from then on.
+    From(tokio::time::Instant),
+    Now,
+    /// No more: it sent more (a pipelined request) instead of going away.
+    Done,
+}
+
 /// An attempt that got no response.
 struct Failed {
     /// Some of the request may have reached the endpoint.
     sent: bool,
+    /// The client went away meanwhile: nobody is left to answer.
+    client_gone: bool,
     message: String,
 }
 
@@ -342,28 +383,38 @@ struct Failed {
 /// response head read. A 1xx response goes to `down` as it arrives (103
 /// Early Hints are only useful ahead of the final response); the final
 /// head is left in `out` as the client gets it.
-async fn exchange<D: AsyncWrite + Unpin>(
+///
+/// Once the head has been awaited for [`WATCH_CLIENT_AFTER`], the client
+/// is watched, as hyper's server does: its end (EOF or an error) ends the
+/// attempt at once, so a client that gave up does not hold an upstream
+/// connection until the app answers. Bytes it sends meanwhile (a
+/// pipelined request) go to `pending`, and the watch stops there, so a
+/// client cannot make the proxy buffer more than one read ahead.
+async fn exchange<D: AsyncRead + AsyncWrite + Unpin>(
     endpoint: &Endpoint,
     request: &Request<'_>,
     close: bool,
     upstream: &mut BytesMut,
-    down: &mut D,
+    (down, pending): (&mut D, &mut BytesMut),
     out: &mut Vec<u8>,
 ) -> Result<(Stream, ResponseHead), Failed> {
     let mut conn = match endpoint.checkout() {
         Some(c) => c,
         None => endpoint.connector.connect().await.map_err(|e| Failed {
             sent: false,
+            client_gone: false,
             message: e.to_string(),
         })?,
     };
     let failed = |message: String| Failed {
         sent: true,
+        client_gone: false,
         message,
     };
     send(&mut conn, request.bytes)
         .await
         .map_err(|e| failed(format!("sending the request: {e}")))?;
+    let mut watch = Watch::From(tokio::time::Instant::now() + WATCH_CLIENT_AFTER);
     loop {
         if !out.is_empty() {
             // Interim responses only: the final head is not read yet. A
@@ -373,7 +424,35 @@ async fn exchange<D: AsyncWrite + Unpin>(
             out.clear();
         }
         upstream.reserve(4096);
-        match conn.read_buf(upstream).await {
+        let read = match watch {
+            Watch::From(at) => tokio::select! {
+                biased;
+                r = conn.read_buf(upstream) => r,
+                () = tokio::time::sleep_until(at) => {
+                    watch = Watch::Now;
+                    continue;
+                }
+            },
+            Watch::Now => {
+                pending.reserve(4096);
+                tokio::select! {
+                    biased;
+                    r = conn.read_buf(upstream) => r,
+                    r = down.read_buf(pending) => {
+                        if !matches!(r, Ok(n) if n > 0) {
+                            return Err(Failed {
+                                client_gone: true,
+                                ..failed("the client went away".into())
+                            });
+                        }
+                        watch = Watch::Done;
+                        continue;
+                    }
+                }
+            }
+            Watch::Done => conn.read_buf(upstream).await,
+        };
+        match read {
             Ok(0) => return Err(failed("closed the connection before responding".into())),
             Ok(_) => {}
             Err(e) => return Err(failed(format!("reading the response: {e}"))),

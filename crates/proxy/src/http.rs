@@ -16,7 +16,7 @@ use skiff_identity::SpiffeId;
 use crate::balance::Outcome;
 use crate::config::{HttpRule, RetryPolicy, Route, RouteMatch, Source};
 use crate::metrics::{EndpointLabels, Label, LatencyLabels, Metrics, RequestLabels, ServiceLabels};
-use crate::upstream::{Body, BoxError, Service};
+use crate::upstream::{Body, BoxError, Pick, Service};
 
 /// Bodies up to this size are kept so the request can be sent again.
 pub(crate) const RETRYABLE_BODY: u64 = 64 * 1024;
@@ -246,11 +246,10 @@ impl Forwarder {
         }));
     }
 
-    /// Ends an attempt on endpoint `i` in the balancer, counting an
-    /// ejection it causes.
-    pub(crate) fn settle(&self, service: &Service, i: usize, rtt: Duration, outcome: Outcome) {
-        if service.finish(i, rtt, outcome) {
-            let endpoint = &service.endpoints[i];
+    /// Ends an attempt in the balancer, counting an ejection it causes.
+    pub(crate) fn settle(&self, pick: Pick<'_>, rtt: Duration, outcome: Outcome) {
+        let (service, endpoint) = (pick.service, pick.endpoint());
+        if pick.finish(rtt, outcome) {
             self.metrics
                 .ejections
                 .get_or_create(&EndpointLabels {
@@ -366,14 +365,14 @@ impl Forwarder {
         service.deposit();
         let mut tried = Vec::new();
         loop {
-            let Some(i) = service.pick(&tried) else {
+            let Some(pick) = service.pick(&tried) else {
                 return text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!("service {} has no endpoints", service.name),
                 );
             };
-            tried.push(i);
-            let endpoint = &service.endpoints[i];
+            tried.push(pick.index);
+            let endpoint = &service.endpoints[pick.index];
             let body: Body = match (&kept, streaming.take()) {
                 (Some(bytes), _) => Full::new(bytes.clone()).map_err(|e| match e {}).boxed(),
                 (None, Some(b)) => b.map_err(|e| Box::new(e) as BoxError).boxed(),
@@ -414,7 +413,7 @@ impl Forwarder {
                         if let Some(client_side) = client_upgrade {
                             splice_upgrade(client_side, hyper::upgrade::on(&mut resp));
                         }
-                        self.settle(service, i, rtt, Outcome::Success);
+                        self.settle(pick, rtt, Outcome::Success);
                         let mut resp = resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed());
                         resp.extensions_mut()
                             .insert(Backend(endpoint.label.clone()));
@@ -453,7 +452,7 @@ impl Forwarder {
                     )
                 }
             };
-            self.settle(service, i, rtt, outcome);
+            self.settle(pick, rtt, outcome);
             let again =
                 kept.is_some() && self.try_again(service, outcome, resend_safe, tried.len(), retry);
             if !again {

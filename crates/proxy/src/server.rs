@@ -319,18 +319,18 @@ async fn opaque<T: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut tried = Vec::new();
     let mut upstream = loop {
-        let Some(i) = service.pick(&tried) else {
+        let Some(pick) = service.pick(&tried) else {
             return Ok(());
         };
-        tried.push(i);
+        tried.push(pick.index);
         let started = Instant::now();
-        match service.endpoints[i].connector.connect_as(true).await {
+        match pick.endpoint().connector.connect_as(true).await {
             Ok(s) => {
-                service.finish(i, started.elapsed(), Outcome::Success);
+                pick.finish(started.elapsed(), Outcome::Success);
                 break s;
             }
             Err(e) => {
-                service.finish(i, started.elapsed(), Outcome::Failure);
+                pick.finish(started.elapsed(), Outcome::Failure);
                 tracing::debug!(error = %e, "Opaque upstream failed");
                 // A connection not yet made is safe to try elsewhere.
                 if tried.len() >= service.endpoints.len().min(3) {

@@ -89,17 +89,22 @@ impl Service {
         })
     }
 
-    /// Picks an endpoint not in `tried` and counts the request as pending on it.
-    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+    /// Picks an endpoint not in `tried` and counts the request as pending
+    /// on it until the [`Pick`] ends.
+    pub fn pick(&self, tried: &[usize]) -> Option<Pick<'_>> {
         let mut balancer = crate::lock(&self.balancer);
-        let i = balancer.pick(Instant::now(), tried, |n| rand::random_range(0..n))?;
-        balancer.start(i);
-        Some(i)
+        let index = balancer.pick(Instant::now(), tried, |n| rand::random_range(0..n))?;
+        balancer.start(index);
+        Some(Pick {
+            service: self,
+            index,
+            picked: Instant::now(),
+            finished: false,
+        })
     }
 
-    /// Ends what [`pick`](Self::pick) started. Returns whether this
-    /// failure ejected the endpoint.
-    pub fn finish(&self, i: usize, rtt: Duration, outcome: Outcome) -> bool {
+    /// Returns whether this failure ejected the endpoint.
+    fn finish(&self, i: usize, rtt: Duration, outcome: Outcome) -> bool {
         let now = Instant::now();
         let mut balancer = crate::lock(&self.balancer);
         let before = balancer.is_ejected(i, now);
@@ -113,6 +118,41 @@ impl Service {
 
     pub fn try_retry(&self) -> bool {
         crate::lock(&self.budget).try_withdraw(Instant::now())
+    }
+}
+
+/// A request pending on one endpoint of a service, from
+/// [`Service::pick`] until [`Pick::finish`]. One dropped unfinished (its
+/// caller went away mid-request: a client that disconnected, an HTTP/2
+/// stream reset, a cancelled task) ends as [`Outcome::Abandoned`], so the
+/// endpoint's pending count, which the balancer weighs, never leaks.
+#[derive(Debug)]
+pub struct Pick<'s> {
+    pub service: &'s Service,
+    pub index: usize,
+    picked: Instant,
+    finished: bool,
+}
+
+impl<'s> Pick<'s> {
+    pub fn endpoint(&self) -> &'s Endpoint {
+        &self.service.endpoints[self.index]
+    }
+
+    /// Ends the request after `rtt` with `outcome`. Returns whether this
+    /// failure ejected the endpoint.
+    pub fn finish(mut self, rtt: Duration, outcome: Outcome) -> bool {
+        self.finished = true;
+        self.service.finish(self.index, rtt, outcome)
+    }
+}
+
+impl Drop for Pick<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.service
+                .finish(self.index, self.picked.elapsed(), Outcome::Abandoned);
+        }
     }
 }
 
@@ -367,6 +407,32 @@ mod tests {
         tokio::time::sleep(IDLE_TIMEOUT + SWEEP_EVERY).await;
         assert_eq!(endpoint.idle_count(), 0);
         closed(accepted.into_iter().next().unwrap()).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_caller_went_away_is_no_longer_pending() {
+        let config = ServiceConfig {
+            name: "s".into(),
+            endpoints: vec![EndpointConfig {
+                addr: "127.0.0.1:9".parse().unwrap(),
+                identity: None,
+            }],
+        };
+        let service = Service::new(&config, None, Duration::from_secs(1)).unwrap();
+        let pending = || crate::lock(&service.balancer).pending(0);
+        // As hyper drops a request's future when its client disconnects.
+        let waiting = async {
+            let _pick = service.pick(&[]).unwrap();
+            std::future::pending::<()>().await;
+        };
+        let cancelled = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+        assert!(cancelled.is_err());
+        assert_eq!(pending(), 0);
+        // One that finishes is counted once.
+        let pick = service.pick(&[]).unwrap();
+        assert_eq!(pending(), 1);
+        pick.finish(Duration::from_millis(1), Outcome::Success);
+        assert_eq!(pending(), 0);
     }
 
     #[tokio::test(start_paused = true)]

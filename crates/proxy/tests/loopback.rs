@@ -929,3 +929,63 @@ async fn http1_bodies_cross_as_framed_and_upstream_connections_are_reused() {
     );
     proxy.stop().await;
 }
+
+/// The client gives up while the app still holds the response: the proxy
+/// closes its upstream connection at once, so the app sees it (and a
+/// connection is not held for the request timeout), on the HTTP/1.1 fast
+/// path and through hyper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_frees_the_upstream_connection_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An app that never answers and tells when its connection is closed.
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = app.accept().await {
+            let (closed, got) = (closed_tx.clone(), got_tx.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                    let _ = got.send(n);
+                }
+                let _ = closed.send(());
+            });
+        }
+    });
+    let listen = free_port();
+    let proxy = Proxy::start(&format!(
+        "timeouts: {{requestMs: 60000}}\noutbound: [{{listen: {listen}, service: app}}]\nservices: {{app: {{endpoints: [{{addr: {app_addr}}}]}}}}\n"
+    ))
+    .await;
+    let within = Duration::from_secs(5);
+
+    // HTTP/1.1: the request reaches the app, then the client closes.
+    let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+    tcp.write_all(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(within, got.recv()).await.unwrap();
+    drop(tcp);
+    tokio::time::timeout(within, closed.recv())
+        .await
+        .expect("the app's connection outlived the HTTP/1.1 client");
+    let metrics = proxy.metrics().await;
+    assert!(metrics.contains("status=\"499\""), "{metrics}");
+    while got.try_recv().is_ok() {}
+
+    // Through hyper (a chunked body is not the fast path's): the same.
+    let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+    tcp.write_all(
+        b"POST /slow HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(within, got.recv()).await.unwrap();
+    drop(tcp);
+    tokio::time::timeout(within, closed.recv())
+        .await
+        .expect("the app's connection outlived the client on the hyper path");
+    proxy.stop().await;
+}
