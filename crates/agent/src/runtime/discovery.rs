@@ -692,6 +692,13 @@ const COLLECT_EVERY: Duration = Duration::from_secs(1);
 /// How long a changed `status.mesh` that nobody waits for may go unwritten.
 const PUBLISH_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
 
+/// The kinds each of whose changes someone may wait to see applied: a
+/// rollout waits for its Routes; whoever changes a policy, for its
+/// enforcement (namespace labels select policy peers). Services are not
+/// among them: every scale rewrites one. Instances are waited for only as
+/// far as their last departure.
+const WAITED_FOR: [&str; 4] = ["routes", "policies", "networkpolicies", "namespaces"];
+
 /// Asks every local proxy (`/peers`, `/denials`) each second: their
 /// acknowledgements go into the Node's `status.mesh` when someone may wait
 /// for them (see [`publish_due`]), their L7 denials to `report`. Runs until
@@ -754,7 +761,12 @@ pub async fn collect(
         let status = json!({"proxies": locals.len(), "answered": answered, "applied": applied});
         let wanted = {
             let s = cache.state();
-            let mut wanted = s.revisions.clone();
+            let mut wanted: BTreeMap<&str, u64> = s
+                .revisions
+                .iter()
+                .filter(|(kind, _)| WAITED_FOR.contains(kind))
+                .map(|(kind, r)| (*kind, *r))
+                .collect();
             wanted.insert("instances", s.left);
             wanted
         };
@@ -779,10 +791,9 @@ pub async fn collect(
 ///   only while some answer; this changes with the node's own instances,
 ///   not with the whole cluster's);
 /// - its proxies applied a kind's revision past the one last written, and
-///   that one is older than `wanted`: for Routes and policies, any change
-///   (a rollout waits for them); for instances, the last departure (a
-///   leaving instance waits for it; new, ready or unready instances do
-///   not need acknowledging).
+///   that one is older than `wanted`: for the kinds in [`WAITED_FOR`], any
+///   change; for instances, the last departure (a leaving instance waits
+///   for it; new, ready or unready instances need no acknowledgement).
 ///
 /// Any other change is written at most every [`PUBLISH_AT_LEAST_EVERY`],
 /// so `status.mesh` is never far behind for `skiff describe`.
