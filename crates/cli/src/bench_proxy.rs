@@ -162,6 +162,7 @@ fn measure(args: &ProxyArgs, targets: &[Target]) -> anyhow::Result<serde_json::M
         let mut f = serde_json::Map::new();
         if !p.is_empty() {
             f.insert("idle_rss_mb".into(), json!(mb(rss_kb(&p, "VmRSS"))));
+            f.insert("idle_anon_rss_mb".into(), json!(mb(rss_kb(&p, "RssAnon"))));
         }
         pids.push(p);
         figures.push(f);
@@ -208,6 +209,7 @@ fn measure(args: &ProxyArgs, targets: &[Target]) -> anyhow::Result<serde_json::M
             f.insert(format!("steal_ms_{k}"), json!(stolen));
             if !p.is_empty() {
                 f.insert(format!("rss_mb_{k}"), json!(mb(rss_kb(p, "VmRSS"))));
+                f.insert(format!("anon_rss_mb_{k}"), json!(mb(rss_kb(p, "RssAnon"))));
             }
         }
     }

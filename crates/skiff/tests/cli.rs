@@ -500,6 +500,9 @@ fn bench_proxy_prints_every_path_side_by_side() {
         assert!(p["max_rps"].as_f64().unwrap() > 0.0, "{path}: {p}");
         if path != "direct" {
             assert!(p["peak_rss_mb"].as_f64().unwrap() > 1.0, "{path}: {p}");
+            // What the processes hold alone is part of what they hold.
+            assert!(q("anon_rss_mb_200") > 0.0, "{path}: {p}");
+            assert!(q("anon_rss_mb_200") <= q("rss_mb_200"), "{path}: {p}");
         }
     }
 }
