@@ -251,26 +251,17 @@ where
         scratch.upstream.clear();
         let sent = Instant::now();
         let close = request.close || *drain.borrow();
-        let result = tokio::time::timeout(
-            request.timeout,
-            exchange(
-                endpoint,
-                request,
-                close,
-                &mut scratch.upstream,
-                (&mut *down, &mut *pending),
-                &mut scratch.out,
-            ),
+        let result = exchange(
+            endpoint,
+            request,
+            (close, tokio::time::Instant::now() + request.timeout),
+            &mut scratch.upstream,
+            (&mut *down, &mut *pending),
+            &mut scratch.out,
         )
         .await;
         let rtt = sent.elapsed();
-        if matches!(
-            result,
-            Ok(Err(Failed {
-                client_gone: true,
-                ..
-            }))
-        ) {
+        if matches!(&result, Err(f) if f.cause == Cause::ClientGone) {
             // Dropping the upstream connection tells the app; the pick
             // ends abandoned, neither success nor failure.
             return (Label::default(), CLIENT_GONE, false);
@@ -278,22 +269,25 @@ where
         // Whether sending again is safe: the request never reached the
         // endpoint, or it is idempotent (or the route opted in).
         let (outcome, resend_safe, reply) = match result {
-            Ok(Ok((conn, head))) => {
+            Ok((conn, head)) => {
                 let (outcome, safe) = judge(head.status, resend_allowed);
                 (outcome, safe, Ok((conn, head)))
             }
-            Ok(Err(Failed { sent, message, .. })) => (
-                Outcome::Failure,
-                !sent || resend_allowed,
-                Err((StatusCode::BAD_GATEWAY, message)),
-            ),
-            Err(_) => (
+            Err(Failed {
+                cause: Cause::Timeout,
+                ..
+            }) => (
                 Outcome::Failure,
                 resend_allowed,
                 Err((
                     StatusCode::GATEWAY_TIMEOUT,
                     format!("no response in {:?}", request.timeout),
                 )),
+            ),
+            Err(Failed { sent, message, .. }) => (
+                Outcome::Failure,
+                !sent || resend_allowed,
+                Err((StatusCode::BAD_GATEWAY, message)),
             ),
         };
         forwarder.settle(pick, rtt, outcome);
@@ -363,8 +357,7 @@ const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(20);
 /// Whether [`exchange`] watches the client.
 #[derive(Clone, Copy)]
 enum Watch {
-    /// Not yet: from then on.
-    From(tokio::time::Instant),
+    NotYet,
     Now,
     /// No more: it sent more (a pipelined request) instead of going away.
     Done,
@@ -374,15 +367,24 @@ enum Watch {
 struct Failed {
     /// Some of the request may have reached the endpoint.
     sent: bool,
-    /// The client went away meanwhile: nobody is left to answer.
-    client_gone: bool,
+    cause: Cause,
     message: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// The endpoint: no connection, a reset, a bad or missing response.
+    Upstream,
+    /// No response head by the request's deadline.
+    Timeout,
+    /// The client went away meanwhile: nobody is left to answer.
+    ClientGone,
+}
+
 /// One attempt: a connection (pooled or new), the request written, the
-/// response head read. A 1xx response goes to `down` as it arrives (103
-/// Early Hints are only useful ahead of the final response); the final
-/// head is left in `out` as the client gets it.
+/// response head read, all by `deadline`. A 1xx response goes to `down` as
+/// it arrives (103 Early Hints are only useful ahead of the final
+/// response); the final head is left in `out` as the client gets it.
 ///
 /// Once the head has been awaited for [`WATCH_CLIENT_AFTER`], the client
 /// is watched, as hyper's server does: its end (EOF or an error) ends the
@@ -393,72 +395,91 @@ struct Failed {
 async fn exchange<D: AsyncRead + AsyncWrite + Unpin>(
     endpoint: &Endpoint,
     request: &Request<'_>,
-    close: bool,
+    (close, deadline): (bool, tokio::time::Instant),
     upstream: &mut BytesMut,
     (down, pending): (&mut D, &mut BytesMut),
     out: &mut Vec<u8>,
 ) -> Result<(Stream, ResponseHead), Failed> {
-    let mut conn = match endpoint.checkout() {
-        Some(c) => c,
-        None => endpoint.connector.connect().await.map_err(|e| Failed {
-            sent: false,
-            client_gone: false,
-            message: e.to_string(),
-        })?,
-    };
-    let failed = |message: String| Failed {
+    let failed = |cause: Cause, message: String| Failed {
         sent: true,
-        client_gone: false,
+        cause,
         message,
     };
-    send(&mut conn, request.bytes)
+    let timed_out = || failed(Cause::Timeout, String::new());
+    let opened = async {
+        let mut conn = match endpoint.checkout() {
+            Some(c) => c,
+            None => endpoint.connector.connect().await.map_err(|e| Failed {
+                sent: false,
+                cause: Cause::Upstream,
+                message: e.to_string(),
+            })?,
+        };
+        send(&mut conn, request.bytes)
+            .await
+            .map_err(|e| failed(Cause::Upstream, format!("sending the request: {e}")))?;
+        Ok(conn)
+    };
+    // A pooled connection that takes the whole request at once arms no
+    // timer here.
+    let mut conn = tokio::time::timeout_at(deadline, opened)
         .await
-        .map_err(|e| failed(format!("sending the request: {e}")))?;
-    let mut watch = Watch::From(tokio::time::Instant::now() + WATCH_CLIENT_AFTER);
+        .map_err(|_| timed_out())??;
+    // One timer for both: the watch's start, then the deadline.
+    let timer =
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WATCH_CLIENT_AFTER));
+    tokio::pin!(timer);
+    let mut watch = Watch::NotYet;
     loop {
         if !out.is_empty() {
             // Interim responses only: the final head is not read yet. A
             // client that has gone shows when the final response is
             // written, so a failure here is left to that write.
-            let _ = send(down, out).await;
+            let _ = tokio::time::timeout_at(deadline, send(down, out)).await;
             out.clear();
         }
         upstream.reserve(4096);
-        let read = match watch {
-            Watch::From(at) => tokio::select! {
-                biased;
-                r = conn.read_buf(upstream) => r,
-                () = tokio::time::sleep_until(at) => {
-                    watch = Watch::Now;
-                    continue;
+        if matches!(watch, Watch::Now) {
+            pending.reserve(4096);
+        }
+        let read = tokio::select! {
+            biased;
+            r = conn.read_buf(upstream) => r,
+            r = down.read_buf(pending), if matches!(watch, Watch::Now) => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    return Err(failed(Cause::ClientGone, "the client went away".into()));
                 }
-            },
-            Watch::Now => {
-                pending.reserve(4096);
-                tokio::select! {
-                    biased;
-                    r = conn.read_buf(upstream) => r,
-                    r = down.read_buf(pending) => {
-                        if !matches!(r, Ok(n) if n > 0) {
-                            return Err(Failed {
-                                client_gone: true,
-                                ..failed("the client went away".into())
-                            });
-                        }
-                        watch = Watch::Done;
-                        continue;
-                    }
-                }
+                watch = Watch::Done;
+                continue;
             }
-            Watch::Done => conn.read_buf(upstream).await,
+            () = &mut timer => {
+                if timer.deadline() >= deadline {
+                    return Err(timed_out());
+                }
+                watch = Watch::Now;
+                timer.as_mut().reset(deadline);
+                continue;
+            }
         };
         match read {
-            Ok(0) => return Err(failed("closed the connection before responding".into())),
+            Ok(0) => {
+                return Err(failed(
+                    Cause::Upstream,
+                    "closed the connection before responding".into(),
+                ));
+            }
             Ok(_) => {}
-            Err(e) => return Err(failed(format!("reading the response: {e}"))),
+            Err(e) => {
+                return Err(failed(
+                    Cause::Upstream,
+                    format!("reading the response: {e}"),
+                ));
+            }
         }
         loop {
-            match parse_response(upstream, request.head, close, out).map_err(failed)? {
+            match parse_response(upstream, request.head, close, out)
+                .map_err(|e| failed(Cause::Upstream, e))?
+            {
                 ResponseParse::Partial => break,
                 ResponseParse::Interim(len) => upstream.advance(len),
                 ResponseParse::Final(head) => {

@@ -934,14 +934,20 @@ async fn http1_bodies_cross_as_framed_and_upstream_connections_are_reused() {
 /// closes its upstream connection at once, so the app sees it (and a
 /// connection is not held for the request timeout), on the HTTP/1.1 fast
 /// path and through hyper.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_goes_away_frees_the_upstream_connection_at_once() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // An app that never answers and tells when its connection is closed.
+/// Events from [`silent_app`]: bytes read, and connections closed.
+type Heard = (
+    tokio::sync::mpsc::UnboundedReceiver<usize>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+);
+
+/// An app that reads and never answers, and tells how many bytes it read
+/// and when a connection of its closes.
+async fn silent_app() -> (SocketAddr, Heard) {
+    use tokio::io::AsyncReadExt;
     let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app.local_addr().unwrap();
-    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
-    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    let addr = app.local_addr().unwrap();
+    let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+    let (got_tx, got) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = app.accept().await {
             let (closed, got) = (closed_tx.clone(), got_tx.clone());
@@ -954,6 +960,13 @@ async fn a_client_that_goes_away_frees_the_upstream_connection_at_once() {
             });
         }
     });
+    (addr, (got, closed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_frees_the_upstream_connection_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let (app_addr, (mut got, mut closed)) = silent_app().await;
     let listen = free_port();
     let proxy = Proxy::start(&format!(
         "timeouts: {{requestMs: 60000}}\noutbound: [{{listen: {listen}, service: app}}]\nservices: {{app: {{endpoints: [{{addr: {app_addr}}}]}}}}\n"
@@ -983,4 +996,26 @@ async fn a_client_that_goes_away_frees_the_upstream_connection_at_once() {
     let metrics = proxy.metrics().await;
     assert!(metrics.contains("status=\"499\""), "{metrics}");
     proxy.stop().await;
+}
+
+/// No response head by the request timeout: 504, on the fast path,
+/// whether the timeout is shorter than the wait before the client is
+/// watched or longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_not_answered_in_time_gets_504() {
+    let (app_addr, _heard) = silent_app().await;
+    for timeout_ms in [5, 300] {
+        let listen = free_port();
+        let proxy = Proxy::start(&format!(
+            "timeouts: {{requestMs: {timeout_ms}}}\noutbound: [{{listen: {listen}, service: app}}]\nservices: {{app: {{endpoints: [{{addr: {app_addr}}}]}}}}\n"
+        ))
+        .await;
+        let got = raw_exchange(
+            listen,
+            "POST /slow HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 504 "), "{timeout_ms} ms: {got}");
+        proxy.stop().await;
+    }
 }
