@@ -246,7 +246,7 @@ where
             return (Label::default(), status.as_u16(), keep);
         };
         scratch.tried.push(pick.index);
-        let endpoint = &service.endpoints[pick.index];
+        let endpoint = pick.endpoint();
         scratch.out.clear();
         scratch.upstream.clear();
         let sent = Instant::now();

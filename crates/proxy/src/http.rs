@@ -372,7 +372,7 @@ impl Forwarder {
                 );
             };
             tried.push(pick.index);
-            let endpoint = &service.endpoints[pick.index];
+            let endpoint = pick.endpoint();
             let body: Body = match (&kept, streaming.take()) {
                 (Some(bytes), _) => Full::new(bytes.clone()).map_err(|e| match e {}).boxed(),
                 (None, Some(b)) => b.map_err(|e| Box::new(e) as BoxError).boxed(),
