@@ -142,7 +142,8 @@ impl Balancer {
     }
 
     /// Requests started on `i` and not yet finished.
-    pub fn pending(&self, i: usize) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn pending(&self, i: usize) -> u32 {
         self.endpoints[i].pending
     }
 

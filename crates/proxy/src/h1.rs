@@ -249,12 +249,13 @@ where
         let endpoint = pick.endpoint();
         scratch.out.clear();
         scratch.upstream.clear();
-        let sent = Instant::now();
+        let sent = tokio::time::Instant::now();
         let close = request.close || *drain.borrow();
         let result = exchange(
             endpoint,
             request,
-            (close, tokio::time::Instant::now() + request.timeout),
+            close,
+            sent,
             &mut scratch.upstream,
             (&mut *down, &mut *pending),
             &mut scratch.out,
@@ -382,7 +383,8 @@ enum Cause {
 }
 
 /// One attempt: a connection (pooled or new), the request written, the
-/// response head read, all by `deadline`. A 1xx response goes to `down` as
+/// response head read, all within the request's timeout from `sent`. A
+/// 1xx response goes to `down` as
 /// it arrives (103 Early Hints are only useful ahead of the final
 /// response); the final head is left in `out` as the client gets it.
 ///
@@ -395,11 +397,13 @@ enum Cause {
 async fn exchange<D: AsyncRead + AsyncWrite + Unpin>(
     endpoint: &Endpoint,
     request: &Request<'_>,
-    (close, deadline): (bool, tokio::time::Instant),
+    close: bool,
+    sent: tokio::time::Instant,
     upstream: &mut BytesMut,
     (down, pending): (&mut D, &mut BytesMut),
     out: &mut Vec<u8>,
 ) -> Result<(Stream, ResponseHead), Failed> {
+    let deadline = sent + request.timeout;
     let failed = |cause: Cause, message: String| Failed {
         sent: true,
         cause,
@@ -426,8 +430,8 @@ async fn exchange<D: AsyncRead + AsyncWrite + Unpin>(
         .await
         .map_err(|_| timed_out())??;
     // One timer for both: the watch's start, then the deadline.
-    let timer =
-        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WATCH_CLIENT_AFTER));
+    let watch_from = tokio::time::Instant::now() + WATCH_CLIENT_AFTER;
+    let timer = tokio::time::sleep_until(deadline.min(watch_from));
     tokio::pin!(timer);
     let mut watch = Watch::NotYet;
     loop {

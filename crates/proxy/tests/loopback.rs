@@ -177,6 +177,14 @@ async fn call_with(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// A proxy's config: `listen` sends to service `name`, whose one endpoint
+/// is `addr`.
+fn outbound_to(listen: SocketAddr, name: &str, addr: SocketAddr) -> String {
+    format!(
+        "outbound: [{{listen: {listen}, service: {name}}}]\nservices: {{{name}: {{endpoints: [{{addr: {addr}}}]}}}}\n"
+    )
+}
+
 fn endpoints(backends: &[&Backend]) -> String {
     backends
         .iter()
@@ -605,10 +613,7 @@ async fn opaque_tcp_and_websocket_upgrades_pass_through() {
         }
     });
     let listen = free_port();
-    let proxy = Proxy::start(&format!(
-        "outbound: [{{listen: {listen}, service: echo}}]\nservices: {{echo: {{endpoints: [{{addr: {echo_addr}}}]}}}}\n"
-    ))
-    .await;
+    let proxy = Proxy::start(&outbound_to(listen, "echo", echo_addr)).await;
     // Opaque: a binary protocol's bytes come back unchanged.
     let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
     s.write_all(b"\x00\x01binary\xff").await.unwrap();
@@ -663,7 +668,8 @@ async fn draining_finishes_requests_in_flight_and_closes_keepalive() {
     });
     let listen = free_port();
     let proxy = Proxy::start(&format!(
-        "outbound: [{{listen: {listen}, service: slow}}]\nservices: {{slow: {{endpoints: [{{addr: {slow_addr}}}]}}}}\ndrainSeconds: 5\n"
+        "{}drainSeconds: 5\n",
+        outbound_to(listen, "slow", slow_addr)
     ))
     .await;
     let c = client();
@@ -852,10 +858,7 @@ async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
 async fn http1_bodies_cross_as_framed_and_upstream_connections_are_reused() {
     let (backend, accepted, release) = raw_backend().await;
     let listen = free_port();
-    let proxy = Proxy::start(&format!(
-        "outbound: [{{listen: {listen}, service: raw}}]\nservices: {{raw: {{endpoints: [{{addr: {backend}}}]}}}}\n"
-    ))
-    .await;
+    let proxy = Proxy::start(&outbound_to(listen, "raw", backend)).await;
     // Pipelined requests on one connection, answered in order: a chunked
     // body with trailers (its bogus content-length dropped), a 1xx before
     // the final response, a HEAD whose content-length has no body.
@@ -921,10 +924,20 @@ async fn http1_bodies_cross_as_framed_and_upstream_connections_are_reused() {
         tcp.read_exact(&mut got).await.unwrap();
         assert_eq!(String::from_utf8_lossy(&got), last);
     }
-    let metrics = proxy.metrics().await;
+    // A request is counted once its response is written: the client may
+    // have read the last one before the proxy's task gets to count it.
+    let expected = 4.0 + 1.0 + 3.0 + 4.0 + 1.0;
+    let mut metrics = proxy.metrics().await;
+    for _ in 0..500 {
+        if metric_sum(&metrics, "skiff_proxy_requests_total") >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        metrics = proxy.metrics().await;
+    }
     assert_eq!(
         metric_sum(&metrics, "skiff_proxy_requests_total"),
-        4.0 + 1.0 + 3.0 + 4.0 + 1.0,
+        expected,
         "{metrics}"
     );
     proxy.stop().await;
@@ -969,7 +982,9 @@ async fn a_client_that_goes_away_frees_the_upstream_connection_at_once() {
     let (app_addr, (mut got, mut closed)) = silent_app().await;
     let listen = free_port();
     let proxy = Proxy::start(&format!(
-        "timeouts: {{requestMs: 60000}}\noutbound: [{{listen: {listen}, service: app}}]\nservices: {{app: {{endpoints: [{{addr: {app_addr}}}]}}}}\n"
+        "timeouts: {{requestMs: {}}}\n{}",
+        60000,
+        outbound_to(listen, "app", app_addr)
     ))
     .await;
     let within = Duration::from_secs(5);
@@ -1007,7 +1022,9 @@ async fn a_request_not_answered_in_time_gets_504() {
     for timeout_ms in [5, 300] {
         let listen = free_port();
         let proxy = Proxy::start(&format!(
-            "timeouts: {{requestMs: {timeout_ms}}}\noutbound: [{{listen: {listen}, service: app}}]\nservices: {{app: {{endpoints: [{{addr: {app_addr}}}]}}}}\n"
+            "timeouts: {{requestMs: {}}}\n{}",
+            timeout_ms,
+            outbound_to(listen, "app", app_addr)
         ))
         .await;
         let got = raw_exchange(
